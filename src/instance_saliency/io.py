@@ -1,0 +1,266 @@
+"""NIfTI input/output, validation and intensity normalisation.
+
+The model's input space is defined here: FLAIR and MPRAGE are stacked as channels of one
+``(C, X, Y, Z)`` float32 array and normalised per channel by :func:`zscore_nonzero`. Saliency is
+measured in that space (units: logit per unit of normalised intensity).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .errors import InputError, OutputError
+
+#: affines of co-registered inputs may differ by at most this much (mm, elementwise)
+AFFINE_TOL_MM = 1e-3
+CHANNELS = ("FLAIR", "MPRAGE")
+
+
+@dataclass
+class Subject:
+    """One scan: stacked input channels, optional lesion mask, and the grid they live on.
+
+    Attributes
+    ----------
+    image : ndarray, shape (C, X, Y, Z), float32
+        Raw (un-normalised) intensities, channel order :data:`CHANNELS`.
+    affine : ndarray, shape (4, 4)
+        Voxel-to-world (RAS mm) affine of the first channel's file.
+    spacing : tuple of 3 float
+        Voxel spacing in mm.
+    mask : ndarray, shape (X, Y, Z), uint8, or None
+        Binary lesion mask (0/1) when given.
+    header : nibabel.Nifti1Header
+        Header of the first channel's file; its spatial fields are reused when saving maps.
+    paths : dict
+        The files read, by role (``flair``, ``mprage``, ``mask``).
+    """
+
+    image: np.ndarray
+    affine: np.ndarray
+    spacing: tuple
+    header: nib.Nifti1Header
+    mask: np.ndarray | None = None
+    paths: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple:
+        """Spatial shape ``(X, Y, Z)``."""
+        return tuple(self.image.shape[1:])
+
+    @property
+    def orientation(self) -> str:
+        """Axis codes of the affine, e.g. ``"LAS"``."""
+        return "".join(nib.aff2axcodes(self.affine))
+
+
+def load_volume(path: str | os.PathLike, role: str = "image") -> nib.Nifti1Image:
+    """Load a 3D NIfTI image and check it; the data is read (and validated finite) once.
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file, not NIfTI, not 3D (a 4D image with a single volume is
+        accepted), or NaN/Inf voxels. The message names the file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{role} file not found: {p}")
+    try:
+        img = nib.load(str(p))
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for truncated/corrupt files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{role} file {p} is not a readable NIfTI image ({msg})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{role} file {p} is not a NIfTI image")
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{role} file {p} is {data.ndim}D with shape {data.shape}; "
+                         "a 3D volume is required")
+    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        raise InputError(f"{role} file {p} has non-real data type {data.dtype}")
+    if data.size == 0 or min(data.shape) < 1:
+        raise InputError(f"{role} file {p} is empty (shape {data.shape})")
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        n = int((~np.isfinite(data)).sum())
+        raise InputError(f"{role} file {p} has {n} NaN/Inf voxels")
+    aff = img.affine
+    if aff is None or not np.isfinite(aff).all() or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
+        raise InputError(f"{role} file {p} has an invalid (singular or non-finite) affine")
+    return nib.Nifti1Image(np.asarray(data), aff, img.header)
+
+
+def _check_same_grid(ref: nib.Nifti1Image, ref_path, img: nib.Nifti1Image, path, role: str):
+    if img.shape != ref.shape:
+        raise InputError(f"{role} file {path} has shape {img.shape}, but {ref_path} has "
+                         f"{ref.shape}; co-register them onto one grid")
+    diff = float(np.abs(img.affine - ref.affine).max())
+    if diff > AFFINE_TOL_MM:
+        raise InputError(f"{role} file {path} has an affine differing from {ref_path} by "
+                         f"{diff:.4g} mm (> {AFFINE_TOL_MM} mm); co-register them onto one grid")
+
+
+def load_mask(path: str | os.PathLike, ref: nib.Nifti1Image | None = None,
+              ref_path=None) -> np.ndarray:
+    """Load a binary lesion mask as uint8 ``(X, Y, Z)``.
+
+    Values are rounded; anything other than 0/1 after rounding is refused (a float 0/1 mask is
+    fine). When ``ref`` is given the mask must lie on the same grid.
+
+    Raises
+    ------
+    InputError
+        As :func:`load_volume`, plus non-binary values or another grid.
+    """
+    img = load_volume(path, "mask")
+    if ref is not None:
+        _check_same_grid(ref, ref_path, img, path, "mask")
+    data = np.rint(np.asarray(img.dataobj, dtype=np.float64))
+    bad = ~np.isin(data, (0.0, 1.0))
+    if bad.any():
+        vals = np.unique(data[bad])[:5]
+        raise InputError(f"mask file {path} is not binary: values {vals.tolist()} besides 0/1")
+    return data.astype(np.uint8)
+
+
+def load_subject(flair: str | os.PathLike, mprage: str | os.PathLike,
+                 mask: str | os.PathLike | None = None) -> Subject:
+    """Load FLAIR + MPRAGE (+ optional lesion mask) into a :class:`Subject`.
+
+    Parameters
+    ----------
+    flair, mprage : path
+        3D NIfTI files on one grid (same shape, affines within :data:`AFFINE_TOL_MM` mm).
+    mask : path, optional
+        Binary lesion mask on the same grid.
+
+    Returns
+    -------
+    Subject
+        ``image`` of shape ``(2, X, Y, Z)`` float32 (raw intensities), affine, spacing (mm).
+
+    Raises
+    ------
+    InputError
+        Missing/unreadable file, 4D image, shapes or affines that differ, NaN/Inf voxels,
+        a non-binary mask. The message names the offending file.
+    """
+    f_img = load_volume(flair, "FLAIR")
+    m_img = load_volume(mprage, "MPRAGE")
+    _check_same_grid(f_img, flair, m_img, mprage, "MPRAGE")
+    image = np.stack([np.asarray(f_img.dataobj, dtype=np.float32),
+                      np.asarray(m_img.dataobj, dtype=np.float32)])
+    for c, (name, p) in enumerate(zip(CHANNELS, (flair, mprage))):
+        if not np.any(image[c]):
+            raise InputError(f"{name} file {p} is all zero")
+    m = load_mask(mask, f_img, flair) if mask is not None else None
+    spacing = tuple(float(s) for s in f_img.header.get_zooms()[:3])
+    paths = {"flair": str(flair), "mprage": str(mprage)}
+    if mask is not None:
+        paths["mask"] = str(mask)
+    return Subject(image=image, affine=f_img.affine.copy(), spacing=spacing,
+                   header=f_img.header.copy(), mask=m, paths=paths)
+
+
+def zscore_nonzero(image: np.ndarray) -> np.ndarray:
+    """Per-channel z-score over non-zero voxels; background (exact zeros) stays 0.
+
+    ``x' = (x - mean(x[x != 0])) / std(x[x != 0])`` inside the non-zero voxels of each channel,
+    0 elsewhere. This is the normalisation of the seed paper's code (Spagnolo et al. 2024) and
+    the input space in which all saliency is measured.
+
+    Parameters
+    ----------
+    image : ndarray, shape (C, *spatial)
+
+    Returns
+    -------
+    ndarray, shape (C, *spatial), float32
+
+    Raises
+    ------
+    InputError
+        A channel with no non-zero voxel.
+    """
+    out = np.zeros(image.shape, dtype=np.float32)
+    for c in range(image.shape[0]):
+        ch = image[c].astype(np.float64)
+        nz = ch != 0
+        if not nz.any():
+            raise InputError(f"channel {c} is all zero; cannot normalise")
+        v = ch[nz]
+        std = v.std()
+        out[c][nz] = ((v - v.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+    return out
+
+
+def _atomic_write(write, path: Path):
+    """Call ``write(tmp_path)`` then rename onto ``path`` (no half-written file at ``path``)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes),
+                                   dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(f"cannot write into {path.parent}: {e.strerror}") from None
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temporary name and an atomic rename."""
+    def w(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    _atomic_write(w, Path(path))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a binary file through a temporary name and an atomic rename."""
+    def w(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    _atomic_write(w, Path(path))
+
+
+def save_map(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
+             header: nib.Nifti1Header | None = None, dtype=np.float32) -> None:
+    """Save a map on the source grid as NIfTI, atomically (temporary name, then rename).
+
+    Parameters
+    ----------
+    path : path
+        Output ``.nii`` / ``.nii.gz``.
+    data : ndarray, shape (X, Y, Z) or (X, Y, Z, ...)
+        Map; extra trailing axes (e.g. modality) become the 4th/5th NIfTI dimensions.
+    affine : ndarray, shape (4, 4)
+        Source affine.
+    header : Nifti1Header, optional
+        Source header: its spatial information (qform/sform codes, units, zooms) is kept.
+    dtype : numpy dtype
+        Stored data type (float32 for maps, uint8/int16/int32 for masks and label maps).
+    """
+    arr = np.asarray(data).astype(dtype, copy=False)
+    hdr = header.copy() if header is not None else None
+    img = nib.Nifti1Image(arr, affine, hdr)
+    img.set_data_dtype(dtype)
+    if hdr is not None:
+        img.set_qform(affine, int(hdr["qform_code"]) or 1)
+        img.set_sform(affine, int(hdr["sform_code"]) or 1)
+    img.header["scl_slope"] = np.nan
+    img.header["scl_inter"] = np.nan
+    _atomic_write(lambda tmp: nib.save(img, tmp), Path(path))

@@ -1,0 +1,4 @@
+"""Saliency methods: instance SmoothGrad and instance Grad-CAM++ (see the submodules)."""
+
+from .engine import MODES, SparseMap, WindowPlan  # noqa: F401
+from .smoothgrad import AGGREGATIONS, VARIANTS, InstanceSaliency, smoothgrad  # noqa: F401

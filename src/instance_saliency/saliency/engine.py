@@ -1,0 +1,206 @@
+"""Window-sparse, exact gradients through sliding-window inference.
+
+With sliding-window inference the logit at voxel ``v`` is
+``logit(v) = Σ_{w ∋ v} imp_w(v) · out_w(v) / Σ_{w ∋ v} imp_w(v)`` (:mod:`..inference`), with
+constant blending weights. An instance target that is linear in the logits,
+``T = Σ_v a(v) · logit_k(v)``, therefore depends only on the windows that overlap the instance,
+and its input gradient is exactly
+
+``∂T/∂x = Σ_{w ∈ W_T} scatter_w( VJP_w( a · imp_w / norm ) )``
+
+where ``VJP_w`` is the vector-Jacobian product of the network on window ``w``. This module
+plans which windows each target needs (:class:`WindowPlan`) and evaluates them: one forward per
+window and noise chunk, shared by every target that touches the window, then one
+``torch.autograd.grad`` per target (input gradients only; no weight gradients are computed).
+
+Three ways of running the model are planned the same way:
+
+``"sliding"``
+    The MONAI window grid of prediction (exact: equals differentiating full sliding-window
+    inference over the whole scan).
+``"patch"``
+    One ROI-sized window centred on the instance's bounding box (grown, in multiples of 32,
+    to cover a larger instance), no blending. Cheaper; an approximation of what the model
+    does at prediction time, since the instance's logits come from one window only.
+``"whole"``
+    The whole (padded) scan in one forward pass: for models applied without sliding windows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from ..inference import WindowGrid
+
+MODES = ("sliding", "patch", "whole")
+
+
+@dataclass
+class SparseMap:
+    """A map that is zero outside ``region``.
+
+    Attributes
+    ----------
+    region : tuple of slices
+        Sub-box of the scan (image coordinates) where the map can be non-zero.
+    data : ndarray, shape (C, *region_shape), float32
+    shape : tuple of int
+        Full spatial shape of the scan.
+    """
+
+    region: tuple
+    data: np.ndarray
+    shape: tuple
+
+    def to_dense(self) -> np.ndarray:
+        """The full map, ``(C, *shape)`` float32."""
+        out = np.zeros((self.data.shape[0],) + tuple(self.shape), dtype=np.float32)
+        out[(slice(None),) + self.region] = self.data
+        return out
+
+
+@dataclass
+class WindowPlan:
+    """Windows to evaluate and, for each target, the windows it needs with their blend weights.
+
+    Attributes
+    ----------
+    image_shape, padded_shape, pad_before : tuple of int
+        The input is zero-padded from ``image_shape`` to ``padded_shape`` (as MONAI does).
+    windows : list of (start, size)
+        Window boxes in padded coordinates.
+    target_windows : list of list of int
+        For each target, indices into ``windows``.
+    grid : WindowGrid or None
+        Present in sliding mode: blend weights ``imp_w / norm``.
+    """
+
+    mode: str
+    image_shape: tuple
+    padded_shape: tuple
+    pad_before: tuple
+    windows: list = field(default_factory=list)
+    target_windows: list = field(default_factory=list)
+    grid: WindowGrid | None = None
+
+    @classmethod
+    def create(cls, masks: Sequence[np.ndarray], image_shape: Sequence[int], mode: str = "sliding",
+               roi_size: Sequence[int] = (96, 96, 96), overlap: float = 0.25,
+               grid: WindowGrid | None = None) -> "WindowPlan":
+        """Plan the windows for targets with the given masks (each ``(X, Y, Z)`` bool).
+
+        Raises
+        ------
+        ValueError
+            Unknown mode, or an empty mask.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        image_shape = tuple(int(s) for s in image_shape)
+        roi = tuple(int(r) for r in roi_size)
+        if mode == "sliding":
+            grid = grid or WindowGrid.create(image_shape, roi, overlap)
+            plan = cls(mode, image_shape, grid.padded_shape, grid.pad_before, grid=grid)
+            plan.windows = [(tuple(int(a) for a in st), roi) for st in grid.starts]
+            for m in masks:
+                ws = grid.windows_touching(m)
+                if not ws:
+                    raise ValueError("a target mask is empty")
+                plan.target_windows.append(ws)
+            return plan
+        if mode == "whole":
+            plan = cls(mode, image_shape, image_shape, (0, 0, 0))
+            plan.windows = [((0, 0, 0), image_shape)]
+            plan.target_windows = [[0] for _ in masks]
+            return plan
+        # patch mode: one window per target, centred on its bounding box
+        boxes, sizes = [], []
+        for m in masks:
+            idx = np.argwhere(m)
+            if len(idx) == 0:
+                raise ValueError("a target mask is empty")
+            lo, hi = idx.min(0), idx.max(0) + 1
+            ext = hi - lo
+            size = tuple(int(r) if e <= r else int(np.ceil(e / 32) * 32) for e, r in zip(ext, roi))
+            boxes.append((lo, hi))
+            sizes.append(size)
+        padded = tuple(max([s] + [sz[a] for sz in sizes]) for a, s in enumerate(image_shape))
+        pad_before = tuple((p - s) // 2 for p, s in zip(padded, image_shape))
+        plan = cls(mode, image_shape, padded, pad_before)
+        index = {}
+        for (lo, hi), size in zip(boxes, sizes):
+            centre = (lo + hi) / 2.0 + np.array(pad_before)
+            start = tuple(int(min(max(int(np.floor(c - s / 2.0)), 0), p - s))
+                          for c, s, p in zip(centre, size, padded))
+            key = (start, size)
+            if key not in index:
+                index[key] = len(plan.windows)
+                plan.windows.append(key)
+            plan.target_windows.append([index[key]])
+        return plan
+
+    # --- geometry helpers -------------------------------------------------------------
+    def window_slices(self, w: int) -> tuple:
+        """Slices of window ``w`` in padded coordinates."""
+        start, size = self.windows[w]
+        return tuple(slice(a, a + s) for a, s in zip(start, size))
+
+    def window_image_part(self, w: int) -> tuple[tuple, tuple]:
+        """(slices in image coordinates, slices in window coordinates) of the window ∩ scan."""
+        start, size = self.windows[w]
+        img, win = [], []
+        for a, s, b, n in zip(start, size, self.pad_before, self.image_shape):
+            lo, hi = a - b, a - b + s
+            clo, chi = max(lo, 0), min(hi, n)
+            img.append(slice(clo, chi))
+            win.append(slice(clo - lo, chi - lo))
+        return tuple(img), tuple(win)
+
+    def target_region(self, t: int) -> tuple:
+        """Bounding box (image coordinates) of the union of target ``t``'s windows."""
+        parts = [self.window_image_part(w)[0] for w in self.target_windows[t]]
+        return tuple(slice(min(p[a].start for p in parts), max(p[a].stop for p in parts))
+                     for a in range(3))
+
+    def blend(self, w: int, device) -> torch.Tensor:
+        """Per-voxel factor mapping window ``w``'s output onto the blended logits."""
+        start, size = self.windows[w]
+        if self.grid is None:
+            return torch.ones(size, device=device)
+        sl = self.window_slices(w)
+        return (self.grid.importance / self.grid.norm[sl]).to(device)
+
+    def n_windows_per_target(self) -> list[int]:
+        return [len(ws) for ws in self.target_windows]
+
+
+def _batches(plan: WindowPlan, needed: Iterable[int], sw_batch_size: int) -> list[list[int]]:
+    """Group the needed windows into batches of equal-sized windows."""
+    by_size: dict = {}
+    for w in sorted(set(needed)):
+        by_size.setdefault(plan.windows[w][1], []).append(w)
+    out = []
+    for ws in by_size.values():
+        out += [ws[i:i + sw_batch_size] for i in range(0, len(ws), sw_batch_size)]
+    return out
+
+
+def cotangent(plan: WindowPlan, target, t: int, w: int, n_out: int, class_index: int,
+              device) -> torch.Tensor:
+    """``∂T/∂out_w`` for a linear target: ``(n_out, *window_size)`` on the class channel."""
+    start, size = plan.windows[w]
+    img_sl, win_sl = plan.window_image_part(w)
+    a = torch.zeros(size, device=device)
+    a[win_sl] = torch.from_numpy(target.linear_weights_at(img_sl)).to(device)
+    cot = torch.zeros((n_out,) + tuple(size), device=device)
+    cot[class_index] = a * plan.blend(w, device)
+    return cot
+
+
+def window_inputs(plan: WindowPlan, xp: torch.Tensor, ws: Sequence[int]) -> torch.Tensor:
+    """Stack window crops of padded inputs ``xp`` (S, C, *padded): order window-major."""
+    return torch.cat([xp[(slice(None), slice(None)) + plan.window_slices(w)] for w in ws])
