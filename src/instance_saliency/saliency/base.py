@@ -56,6 +56,8 @@ def capture_activations(module: torch.nn.Module) -> Iterator[list]:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"layer output is {type(out).__name__}, not a tensor")
         out = out.clone()
+        if not out.requires_grad and torch.is_grad_enabled():
+            out.requires_grad_(True)  # a leaf when nothing upstream needs gradients
         store.append(out)
         return out
 

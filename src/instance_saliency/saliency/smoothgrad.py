@@ -44,6 +44,7 @@ class InstanceSaliency:
     method: str
     maps: dict = field(default_factory=dict)
     n_windows: int = 1
+    weights: np.ndarray | None = None
 
 
 def _as_input(x) -> torch.Tensor:

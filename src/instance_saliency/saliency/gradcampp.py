@@ -1,0 +1,170 @@
+"""Instance Grad-CAM++: class-activation maps of an instance target at a chosen layer.
+
+Grad-CAM++ (Chattopadhay et al. 2018, "Grad-CAM++: Improved Visual Explanations for Deep
+Convolutional Networks", WACV, eqs. 19–20) with the instance target ``T`` as the score. With
+``g = ∂T/∂A`` at the layer's activations ``A`` (channels ``k``, positions ``i``):
+
+``α_ki = g_ki² / (2 g_ki² + Σ_j A_kj · g_ki³)``   (0 where ``g_ki = 0``),
+``w_k  = Σ_i α_ki · ReLU(g_ki)``,
+``L    = ReLU(Σ_k w_k A_k)`` upsampled (trilinear) to the input grid.
+
+The original derivation uses ``Y = exp(T)``; the factor ``exp(T)`` cancels in ``α`` and only
+scales ``w`` globally, so it is dropped here: large lesions (large summed logits) cannot
+overflow, and maps of different instances stay comparable. Sums over positions run over every
+spatial axis (2D and 3D alike).
+
+Sliding-window mode: the layer's activations exist per window. The windows that touch the
+instance are treated as one activation map: ``Σ_j`` and ``Σ_i`` run over all their positions;
+each window's map ``Σ_k w_k A_k`` is upsampled to the window and blended with the Gaussian
+importance of those windows only, ``L(v) = Σ_w imp_w(v) L_w(v) / Σ_w imp_w(v)``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import capture_activations, model_state_guard, resolve_layer
+from .engine import SparseMap, WindowPlan, _batches, cotangent, window_inputs
+from .smoothgrad import InstanceSaliency, _as_input, plan_pad
+
+
+def gradcampp_weights(activations: torch.Tensor, gradients: torch.Tensor,
+                      eps: float = 0.0) -> torch.Tensor:
+    """Grad-CAM++ channel weights without the ``exp(T)`` factor.
+
+    Parameters
+    ----------
+    activations, gradients : torch.Tensor, shape (N, K, *spatial)
+        ``A`` and ``∂T/∂A``. The ``N`` pieces (windows) are pooled as one map.
+
+    Returns
+    -------
+    torch.Tensor, shape (K,)
+        ``w_k = Σ α_ki ReLU(g_ki)`` (Chattopadhay et al. 2018, eqs. 19–20).
+    """
+    K = activations.shape[1]
+    A = activations.transpose(0, 1).reshape(K, -1).double()
+    g = gradients.transpose(0, 1).reshape(K, -1).double()
+    sum_a = A.sum(1, keepdim=True)
+    g2 = g * g
+    denom = 2 * g2 + sum_a * g2 * g
+    alpha = torch.where((g != 0) & (denom != 0), g2 / torch.where(denom != 0, denom, 1.0),
+                        torch.zeros_like(g))
+    return (alpha * F.relu(g)).sum(1).float()
+
+
+def _upsample(cam: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Trilinear/bilinear upsampling of ``(N, *spatial)`` maps to ``size``."""
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    if tuple(cam.shape[1:]) == tuple(size):
+        return cam
+    return F.interpolate(cam[:, None], size=tuple(size), mode=mode, align_corners=False)[:, 0]
+
+
+def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
+              mode: str = "sliding", roi_size: Sequence[int] = (96, 96, 96),
+              overlap: float = 0.25, grid=None, sw_batch_size: int = 4,
+              signed: bool = False, device: str | torch.device = "cpu",
+              progress: bool = False) -> list[InstanceSaliency]:
+    """Instance Grad-CAM++ for many targets, sharing each window's forward pass.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Segmentation network (state restored afterwards; run in eval mode).
+    x : torch.Tensor or ndarray, shape (C, X, Y, Z)
+        Normalised input.
+    targets : sequence of MaskTarget
+        Logit-space (linear) targets.
+    layer : str
+        Module name of the layer (``dict(model.named_modules())`` key); see
+        :data:`instance_saliency.models.DEFAULT_CAM_LAYER` for each architecture's default.
+    mode, roi_size, overlap, grid, sw_batch_size
+        As in :func:`~.smoothgrad.smoothgrad`.
+    signed : bool
+        Also return the map before the final ReLU (``maps["signed"]``).
+
+    Returns
+    -------
+    list of InstanceSaliency
+        ``maps["raw"]``: ``(1, X, Y, Z)`` map after ReLU, not normalised (units: activation ×
+        weight); ``maps["signed"]`` when requested. ``maps["weights"]`` is not a map; the
+        channel weights are in ``InstanceSaliency.maps["raw"]``'s companion attribute
+        ``weights`` (see :func:`gradcampp_weights`).
+
+    Raises
+    ------
+    ValueError
+        Unknown layer, non-linear target, bad shapes.
+    """
+    x = _as_input(x).to(device)
+    shape = tuple(x.shape[1:])
+    for tg in targets:
+        if not tg.is_linear:
+            raise ValueError("Grad-CAM++ needs logit-space (linear) targets")
+        if tuple(tg.mask.shape) != shape:
+            raise ValueError(f"target mask shape {tg.mask.shape} != input shape {shape}")
+    module = resolve_layer(model, layer)
+    plan = WindowPlan.create([t.mask for t in targets], shape, mode, roi_size, overlap, grid)
+    needed = sorted({w for ws in plan.target_windows for w in ws})
+    users = {w: [t for t, ws in enumerate(plan.target_windows) if w in ws] for w in needed}
+    xp = plan_pad(plan, x[None])
+    acts: dict[int, torch.Tensor] = {}
+    grads: dict[tuple, torch.Tensor] = {}
+    batches = _batches(plan, needed, sw_batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="Grad-CAM++", unit="batch", leave=False)
+    with model_state_guard(model), capture_activations(module) as store:
+        for wb in batches:
+            store.clear()
+            inp = window_inputs(plan, xp, wb)
+            with torch.enable_grad():
+                out = model(inp)
+            if len(store) != 1:
+                raise ValueError(f"layer {layer!r} ran {len(store)} times in one forward pass")
+            A = store[0]
+            ts = sorted({t for w in wb for t in users[w]})
+            for i, t in enumerate(ts):
+                cot = torch.zeros_like(out)
+                for j, w in enumerate(wb):
+                    if t in users[w]:
+                        cot[j] = cotangent(plan, targets[t], t, w, out.shape[1],
+                                           targets[t].class_index, out.device)
+                (g,) = torch.autograd.grad(out, A, cot, retain_graph=i < len(ts) - 1)
+                for j, w in enumerate(wb):
+                    if t in users[w]:
+                        grads[(t, w)] = g[j].detach().cpu()
+            for j, w in enumerate(wb):
+                acts[w] = A[j].detach().cpu()
+            store.clear()
+            del out, A
+    results = []
+    for t, tg in enumerate(targets):
+        ws = plan.target_windows[t]
+        weights = gradcampp_weights(torch.stack([acts[w] for w in ws]),
+                                    torch.stack([grads.pop((t, w)) for w in ws]))
+        region = plan.target_region(t)
+        rshape = tuple(s.stop - s.start for s in region)
+        num = torch.zeros(rshape, dtype=torch.float64)
+        den = torch.zeros(rshape, dtype=torch.float64)
+        for w in ws:
+            cam_w = torch.einsum("k,k...->...", weights, acts[w])[None]
+            cam_w = _upsample(cam_w, plan.windows[w][1])[0]
+            img_sl, win_sl = plan.window_image_part(w)
+            dst = tuple(slice(a.start - r.start, a.stop - r.start) for a, r in zip(img_sl, region))
+            imp = (plan.grid.importance if plan.grid is not None
+                   else torch.ones(plan.windows[w][1]))[win_sl].double()
+            num[dst] += imp * cam_w[win_sl].double()
+            den[dst] += imp
+        signed_map = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0).float()
+        maps = {"raw": SparseMap(region, F.relu(signed_map)[None].numpy(), shape)}
+        if signed:
+            maps["signed"] = SparseMap(region, signed_map[None].numpy(), shape)
+        results.append(InstanceSaliency(tg.name, "gradcampp", maps, len(ws), weights.numpy()))
+    return results
