@@ -212,22 +212,98 @@ def test_iou_matching_differs():
     assert crop.shape == (10, 1, 1) and crop.all()
 
 
-def test_iou_uses_union_of_overlapping_components():
+def test_iou_uses_best_single_component_not_union():
+    # Shifts MS-WML rule: each component is compared with every SINGLE overlapping component
+    # of the other mask; overlapping components are never merged.
     shape = (10, 10, 10)
     pred = np.zeros(shape, bool)
     gt = np.zeros(shape, bool)
-    pred[0:8, 0, 0] = True  # one predicted component of 8 voxels
-    gt[0:2, 0, 0] = True  # G1, 2 voxels
-    gt[4:6, 0, 0] = True  # G2, 2 voxels
+    pred[0:8, 0, 0] = True  # P, one predicted component of 8 voxels
+    gt[0:2, 0, 0] = True  # G1, 2 voxels, inside P
+    gt[4:6, 0, 0] = True  # G2, 2 voxels, inside P
+    # P vs G1: |P & G1| = 2, |P | G1| = 8 -> IoU 2/8; same for G2. (P vs G1 u G2 would be
+    # 4/8 = 0.5, which the former union rule used: TP, G1/G2 FN.)
     s = find_instances(pred, gt, matching="iou", iou_threshold=0.5)
-    p = s.instances[0]
-    assert p.iou == pytest.approx(4 / 8)
-    assert p.status == "TP"
-    # each GT component against the predicted component: 2 / 8
-    assert [i.status for i in s] == ["TP", "FN", "FN"]
-    assert [i.iou for i in s.instances[1:]] == [pytest.approx(0.25)] * 2
-    # overlap matching: nothing missed
-    assert [i.status for i in find_instances(pred, gt)] == ["TP"]
+    assert [(i.status, i.source, i.component) for i in s] == [
+        ("FP", "pred", 1), ("FN", "gt", 1), ("FN", "gt", 2)]
+    assert [i.iou for i in s] == [pytest.approx(0.25)] * 3
+    # at the threshold 0.25 every pair matches (>= for TP, < for FN): P TP, nothing missed
+    s25 = find_instances(pred, gt, matching="iou", iou_threshold=0.25)
+    assert [(i.status, i.iou) for i in s25] == [("TP", pytest.approx(0.25))]
+    assert s25.counts() == {"TP": 1, "FP": 0, "FN": 0, "unknown": 0}
+    # just above: P FP and both lesions missed
+    assert find_instances(pred, gt, matching="iou", iou_threshold=0.2501).counts() == {
+        "TP": 0, "FP": 1, "FN": 2, "unknown": 0}
+    # overlap matching: nothing missed; the reported IoU is the same best single IoU
+    s_ov = find_instances(pred, gt)
+    assert [(i.status, i.iou) for i in s_ov] == [("TP", pytest.approx(0.25))]
+
+
+def test_iou_best_single_is_max_over_pairs():
+    # one prediction overlapping two lesions of different sizes: the better pair decides
+    shape = (12, 12, 12)
+    pred = np.zeros(shape, bool)
+    gt = np.zeros(shape, bool)
+    pred[0, 0, 0:6] = True  # P, 6 voxels
+    gt[0, 0, 0:4] = True  # G1, 4 voxels inside P: IoU 4/6
+    gt[0, 0, 5:11] = True  # G2, 6 voxels, shares 1 voxel with P: IoU 1/11
+    s = find_instances(pred, gt, matching="iou", iou_threshold=0.5)
+    assert [(i.status, i.source, i.component) for i in s] == [("TP", "pred", 1),
+                                                              ("FN", "gt", 2)]
+    assert s.instances[0].iou == pytest.approx(4 / 6)
+    assert s.instances[1].iou == pytest.approx(1 / 11)
+
+
+def _random_pair(seed, shape=(20, 20, 20)):
+    """GT blobs and an edited prediction: each lesion missed, exact, shifted or cut in two;
+    plus unrelated false-positive blobs."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+
+    def blobs(q):
+        f = ndimage.gaussian_filter(rng.standard_normal(shape), 1.5)
+        return f > np.quantile(f, q)
+
+    gt = blobs(0.9)
+    lab, n = ndimage.label(gt)
+    pred = np.zeros(shape, bool)
+    for k in range(1, n + 1):
+        comp = lab == k
+        r = rng.integers(4)
+        if r == 0:
+            continue  # missed
+        if r == 1:
+            pred |= comp  # exact
+        elif r == 2:
+            pred |= np.roll(comp, rng.integers(1, 3), axis=rng.integers(3))  # shifted
+        else:  # cut by a plane through its centre
+            c = np.argwhere(comp).mean(0).astype(int)
+            idx = [slice(None)] * 3
+            ax = rng.integers(3)
+            idx[ax] = c[ax]
+            comp[tuple(idx)] = False
+            pred |= comp
+    pred |= blobs(0.97) & ~ndimage.binary_dilation(gt, iterations=2)
+    return gt, pred
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("thr", [0.25, 0.5])
+def test_iou_matching_counts_equal_lesion_detection(seed, thr):
+    # the Shifts MS-WML counts of metrics.lesion_detection (checked there against the
+    # reference implementation); seeds 0, 1, 4, 5 at 0.5 and seed 0 at 0.25 distinguish the
+    # single-lesion rule from the former union-of-overlapping-lesions rule
+    from instance_saliency.metrics import lesion_detection
+
+    gt, pred = _random_pair(seed)
+    s = find_instances(pred, gt, matching="iou", connectivity=6, iou_threshold=thr)
+    ref = lesion_detection(gt, pred, iou_threshold=thr, connectivity=6)
+    c = s.counts()
+    assert min(ref["tp"], ref["fp"], ref["fn"]) > 0  # a non-trivial case
+    assert (c["TP"], c["FP"], c["FN"]) == (ref["tp"], ref["fp"], ref["fn"])
+    assert s.n_pred == ref["n_pred_lesions"]
+    assert int(s.gt_labels.max()) == ref["n_gt_lesions"]
 
 
 def test_without_gt_unknown():

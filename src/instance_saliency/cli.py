@@ -10,6 +10,7 @@ import argparse
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import InputError, InstanceSaliencyError
@@ -30,6 +31,10 @@ def _load_manifest_subjects(manifest: str):
 
     df = pd.read_csv(manifest)
     return [load_subject(r.flair, r.mprage, r.mask) for r in df.itertuples()]
+
+
+#: parameters of `instance-saliency demo` (chosen to finish in < 15 min on 2 CPU cores)
+DEMO_DEFAULTS = {"n_samples": 2}
 
 
 def cmd_train(a) -> int:
@@ -57,6 +62,149 @@ def cmd_train(a) -> int:
     print(f"best validation nDSC {summary['best_val_ndsc']} at step {summary['best_step']}; "
           f"checkpoint in {a.out}")
     return 0
+
+
+def _explain_config(a):
+    from .explain import ExplainConfig
+
+    return ExplainConfig(
+        methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()),
+        n_samples=a.n_samples, noise_level=a.noise_level, mode=a.mode, reduction=a.reduction,
+        connectivity=a.connectivity, min_size=a.min_size, min_size_unit=a.min_size_unit,
+        matching=a.matching, iou_threshold=a.iou_threshold, threshold=a.threshold,
+        cam_layer=a.cam_layer, seed=a.seed, batch_size=a.batch_size,
+        sw_batch_size=a.sw_batch_size, max_instances=a.max_instances,
+        figures=not a.no_figures, device=a.device)
+
+
+def cmd_explain(a) -> int:
+    from .explain import explain
+
+    explain(a.flair, a.mprage, a.out, mask=a.mask, model_dir=a.model,
+            config=_explain_config(a), overwrite=a.overwrite, progress=not a.quiet)
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from . import datasets
+    from .explain import explain
+    from .io import load_subject
+
+    paths = datasets.fetch_subject(datasets.DEMO_SUBJECT, a.data_dir)
+    s = load_subject(paths["flair"], paths["mprage"], paths["mask"])
+    from .instances import connected_components
+
+    _, n = connected_components(s.mask, connectivity=26)
+    print(f"demo scan {datasets.DEMO_SUBJECT} (open_ms_data, CC-BY; checksums verified): "
+          f"shape {s.shape}, spacing {tuple(round(v, 3) for v in s.spacing)} mm, orientation "
+          f"{s.orientation}, {n} consensus lesions (26-connected)")
+    if a.verify_only:
+        return 0
+    explain(paths["flair"], paths["mprage"], a.out, mask=paths["mask"], model_dir=a.model,
+            config=_explain_config(a), overwrite=a.overwrite, progress=not a.quiet)
+    return 0
+
+
+def cmd_predict(a) -> int:
+    import numpy as np
+
+    from .inference import predict_probability
+    from .io import load_subject, save_map, zscore_nonzero
+    from .models import load_checkpoint
+
+    s = load_subject(a.flair, a.mprage)
+    model, cfg = load_checkpoint(a.model, a.device)
+    from .explain import _check_model_channels
+
+    _check_model_channels(cfg, s.image.shape[0])
+    prob = predict_probability(model, zscore_nonzero(s.image), cfg.roi_size, cfg.overlap,
+                               cfg.lesion_class, a.sw_batch_size, a.device, not a.quiet)
+    thr = a.threshold if a.threshold is not None else cfg.threshold
+    out = Path(a.out)
+    if out.name.endswith((".nii", ".nii.gz")):
+        mask_path = out
+        prob_path = out.with_name(out.name.replace(".nii", "_prob.nii", 1))
+    else:
+        mask_path, prob_path = out / "prediction_mask.nii.gz", out / "prediction_prob.nii.gz"
+    save_map(prob_path, prob, s.affine, s.header)
+    save_map(mask_path, (prob >= thr).astype(np.uint8), s.affine, s.header, np.uint8)
+    print(f"{int((prob >= thr).sum())} lesion voxels at threshold {thr}; written {mask_path}")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    import pandas as pd
+
+    from .io import atomic_write_text, load_mask, load_volume
+    from .metrics import evaluate_pair
+
+    if a.manifest:
+        df = pd.read_csv(a.manifest)
+        if not {"subject", "prediction", "mask"} <= set(df.columns):
+            raise InputError(f"{a.manifest}: needs columns subject,prediction,mask")
+        pairs = [(r.subject, r.prediction, r.mask) for r in df.itertuples()]
+    else:
+        if not (a.pred and a.mask):
+            raise InputError("give --pred and --mask, or --manifest")
+        pairs = [(Path(a.pred).name.split(".")[0], a.pred, a.mask)]
+    rows = []
+    for subj, p, m in pairs:
+        ref = load_volume(m, "mask")
+        gt = load_mask(m)
+        pr = load_mask(p, ref, m)
+        spacing = tuple(float(z) for z in ref.header.get_zooms()[:3])
+        rows.append({"subject": subj, **evaluate_pair(gt, pr, spacing, a.iou_threshold,
+                                                      a.connectivity)})
+    table = pd.DataFrame(rows)
+    num = table.drop(columns=["subject"])
+    summary = pd.concat([num.mean().rename("mean"), num.std(ddof=0).rename("std")], axis=1).T
+    summary.insert(0, "subject", summary.index)
+    text = pd.concat([table, summary], ignore_index=True).to_csv(index=False)
+    if a.out:
+        atomic_write_text(a.out, text)
+        print(f"metrics of {len(rows)} subject(s) written to {a.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def _add_explain_options(e) -> None:
+    from .explain import METHODS, ExplainConfig
+
+    d = ExplainConfig()
+    e.add_argument("--model", help="checkpoint folder (default: the shipped model)")
+    e.add_argument("--methods", default=",".join(d.methods),
+                   help=f"comma-separated, from {','.join(METHODS)} (default: all)")
+    e.add_argument("--n-samples", type=int, default=d.n_samples,
+                   help=f"SmoothGrad noise samples (default {d.n_samples})")
+    e.add_argument("--noise-level", type=float, default=d.noise_level,
+                   help="SmoothGrad sigma as a fraction of the FLAIR range (default 0.05)")
+    e.add_argument("--mode", choices=("sliding", "patch"), default=d.mode,
+                   help="sliding: exact w.r.t. sliding-window prediction; patch: one ROI per "
+                        "lesion (faster, approximate)")
+    e.add_argument("--reduction", choices=("sum", "mean"), default=d.reduction,
+                   help="instance target: lesion logit summed or averaged over the lesion")
+    e.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=d.connectivity)
+    e.add_argument("--min-size", type=float, default=d.min_size,
+                   help="drop predicted components smaller than this (default 3)")
+    e.add_argument("--min-size-unit", choices=("voxels", "mm3"), default=d.min_size_unit)
+    e.add_argument("--matching", choices=("overlap", "iou"), default=d.matching,
+                   help="TP/FP/FN rule: any overlap (seed paper) or IoU >= --iou-threshold")
+    e.add_argument("--iou-threshold", type=float, default=d.iou_threshold)
+    e.add_argument("--threshold", type=float, default=None,
+                   help="lesion probability threshold (default: the checkpoint's)")
+    e.add_argument("--cam-layer", help="Grad-CAM++ layer name (default: per architecture)")
+    e.add_argument("--seed", type=int, default=d.seed)
+    e.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="noise samples per chunk (memory only; same results)")
+    e.add_argument("--sw-batch-size", type=int, default=d.sw_batch_size,
+                   help="windows per forward pass")
+    e.add_argument("--max-instances", type=int, default=d.max_instances,
+                   help=f"refuse scans with more lesion instances (default {d.max_instances})")
+    e.add_argument("--no-figures", action="store_true", help="skip PNG figures and report.html")
+    e.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    e.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +235,43 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $INSTANCE_SALIENCY_DATA)")
     t.add_argument("--out", required=True, help="checkpoint folder")
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("explain", help="explain every lesion of one scan (the main job)")
+    e.add_argument("--flair", required=True, help="FLAIR NIfTI")
+    e.add_argument("--mprage", required=True, help="MPRAGE (T1-weighted) NIfTI on the same grid")
+    e.add_argument("--mask", help="ground-truth lesion mask: TP/FP/FN labels and FN lesions")
+    e.add_argument("--out", required=True, help="output folder")
+    _add_explain_options(e)
+    e.set_defaults(func=cmd_explain)
+
+    d = sub.add_parser("demo", help="explain the public demo scan (open_ms_data patient07)")
+    d.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    d.add_argument("--data-dir", help="local mirror of the public scans "
+                   "(default: $INSTANCE_SALIENCY_DATA, else download into the user cache)")
+    d.add_argument("--verify-only", action="store_true",
+                   help="only fetch/verify the scan and print its summary")
+    _add_explain_options(d)
+    d.set_defaults(func=cmd_demo, **DEMO_DEFAULTS)
+
+    pr = sub.add_parser("predict", help="sliding-window lesion segmentation of one scan")
+    pr.add_argument("--flair", required=True)
+    pr.add_argument("--mprage", required=True)
+    pr.add_argument("--model", help="checkpoint folder (default: the shipped model)")
+    pr.add_argument("--out", required=True, help="output folder (or a .nii.gz mask path)")
+    pr.add_argument("--threshold", type=float, default=None)
+    pr.add_argument("--sw-batch-size", type=int, default=4)
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(func=cmd_predict)
+
+    ev = sub.add_parser("evaluate", help="Dice, nDSC, lesion F1/TPR/FDR of predictions as CSV")
+    ev.add_argument("--pred", help="predicted binary mask")
+    ev.add_argument("--mask", help="ground-truth mask")
+    ev.add_argument("--manifest", help="CSV with columns subject,prediction,mask")
+    ev.add_argument("--iou-threshold", type=float, default=0.25)
+    ev.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=6)
+    ev.add_argument("--out", help="CSV path (default: print)")
+    ev.set_defaults(func=cmd_evaluate)
     return p
 
 

@@ -214,6 +214,9 @@ def _atomic_write(write, path: Path):
         raise OutputError(f"cannot write into {path.parent}: {e.strerror}") from None
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -45,21 +45,24 @@ def model_state_guard(model: torch.nn.Module, eval_mode: bool = True) -> Iterato
 def capture_activations(module: torch.nn.Module) -> Iterator[list]:
     """Record the output of ``module`` on every forward pass inside the block.
 
-    The hook returns a clone of the output, so that in-place operations later in the network
-    (e.g. ``LeakyReLU(inplace=True)`` in nnU-Net-style nets) cannot modify the recorded
-    activation; the clone is what the rest of the network consumes, so gradients with respect
-    to it are exact. The hook is removed in ``finally``.
+    The recorded activation ``a`` is a copy of the output, and the hook returns a further
+    copy of ``a`` for the rest of the network to consume. In-place operations later in the
+    network (e.g. ``LeakyReLU(inplace=True)`` in nnU-Net-style nets, directly after a norm
+    layer) therefore modify only that second copy: ``a`` keeps the layer's values, gradients
+    with respect to ``a`` are exact, and an in-place op never hits a leaf that requires
+    gradients. The hook is removed in ``finally``.
     """
     store: list = []
 
     def hook(_mod, _inp, out):
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"layer output is {type(out).__name__}, not a tensor")
-        out = out.clone()
-        if not out.requires_grad and torch.is_grad_enabled():
-            out.requires_grad_(True)  # a leaf when nothing upstream needs gradients
-        store.append(out)
-        return out
+        if out.requires_grad:
+            act = out.clone()  # stays connected to the graph upstream
+        else:  # a leaf when nothing upstream needs gradients
+            act = out.detach().clone().requires_grad_(torch.is_grad_enabled())
+        store.append(act)
+        return act.clone()
 
     handle = module.register_forward_hook(hook)
     try:

@@ -15,8 +15,10 @@ spatial axis (2D and 3D alike).
 
 Sliding-window mode: the layer's activations exist per window. The windows that touch the
 instance are treated as one activation map: ``Σ_j`` and ``Σ_i`` run over all their positions;
-each window's map ``Σ_k w_k A_k`` is upsampled to the window and blended with the Gaussian
-importance of those windows only, ``L(v) = Σ_w imp_w(v) L_w(v) / Σ_w imp_w(v)``.
+each window's map ``L_w = ReLU(Σ_k w_k A_k)`` is upsampled to the window and blended with the
+Gaussian importance of those windows only, ``L(v) = Σ_w imp_w(v) L_w(v) / Σ_w imp_w(v)``. The
+ReLU comes before upsampling, as in the formula above (and in MONAI's and pytorch-grad-cam's
+CAMs); the optional signed map is the same construction without the ReLU.
 """
 
 from __future__ import annotations
@@ -86,7 +88,9 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
     mode, roi_size, overlap, grid, sw_batch_size
         As in :func:`~.smoothgrad.smoothgrad`.
     signed : bool
-        Also return the map before the final ReLU (``maps["signed"]``).
+        Also return the map built without the ReLU (``maps["signed"]``; upsampling is linear
+        and blending convex, so ``raw >= ReLU(signed)``, equal where no zero crossing is
+        interpolated).
 
     Returns
     -------
@@ -152,19 +156,24 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
         region = plan.target_region(t)
         rshape = tuple(s.stop - s.start for s in region)
         num = torch.zeros(rshape, dtype=torch.float64)
+        num_raw = torch.zeros(rshape, dtype=torch.float64)
         den = torch.zeros(rshape, dtype=torch.float64)
         for w in ws:
             cam_w = torch.einsum("k,k...->...", weights, acts[w])[None]
+            raw_w = _upsample(F.relu(cam_w), plan.windows[w][1])[0]  # ReLU, then upsample
             cam_w = _upsample(cam_w, plan.windows[w][1])[0]
             img_sl, win_sl = plan.window_image_part(w)
             dst = tuple(slice(a.start - r.start, a.stop - r.start) for a, r in zip(img_sl, region))
             imp = (plan.grid.importance if plan.grid is not None
                    else torch.ones(plan.windows[w][1]))[win_sl].double()
             num[dst] += imp * cam_w[win_sl].double()
+            num_raw[dst] += imp * raw_w[win_sl].double()
             den[dst] += imp
-        signed_map = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0).float()
-        maps = {"raw": SparseMap(region, F.relu(signed_map)[None].numpy(), shape)}
+        safe_den = torch.where(den > 0, den, 1.0)
+        raw_map = torch.where(den > 0, num_raw / safe_den, 0.0).float()
+        maps = {"raw": SparseMap(region, raw_map[None].numpy(), shape)}
         if signed:
+            signed_map = torch.where(den > 0, num / safe_den, 0.0).float()
             maps["signed"] = SparseMap(region, signed_map[None].numpy(), shape)
         results.append(InstanceSaliency(tg.name, "gradcampp", maps, len(ws), weights.numpy()))
     return results

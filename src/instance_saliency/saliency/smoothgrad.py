@@ -55,8 +55,15 @@ def _as_input(x) -> torch.Tensor:
 
 
 def _grads_linear(model, plan: WindowPlan, xp: torch.Tensor, targets, active, regions,
-                  sw_batch_size: int, n_out_hint=None) -> dict:
-    """Per target ``t`` in ``active``: ``(S, C, *region_t)`` input gradients for one chunk."""
+                  sw_batch_size: int, pack: bool = True) -> dict:
+    """Per target ``t`` in ``active``: ``(S, C, *region_t)`` input gradients for one chunk.
+
+    One forward per window batch, shared by all targets. With ``pack`` (default), each
+    backward pass carries, for every window row of the batch, the cotangent of a different
+    target: the rows of a batch are independent (eval mode), so one vector-Jacobian product
+    yields the gradients of several targets at once, and a batch needs as many backward passes
+    as the largest number of targets touching one of its windows.
+    """
     S, C = xp.shape[:2]
     acc = {t: torch.zeros((S, C) + tuple(s.stop - s.start for s in regions[t]))
            for t in active}
@@ -66,18 +73,20 @@ def _grads_linear(model, plan: WindowPlan, xp: torch.Tensor, targets, active, re
         inp = window_inputs(plan, xp, wb).requires_grad_(True)
         with torch.enable_grad():
             out = model(inp)
-        ts = sorted({t for w in wb for t in users[w]})
-        for i, t in enumerate(ts):
+        if pack:
+            rounds = [[(j, w, users[w][r]) for j, w in enumerate(wb) if r < len(users[w])]
+                      for r in range(max(len(users[w]) for w in wb))]
+        else:
+            rounds = [[(j, w, t) for j, w in enumerate(wb) if t in users[w]]
+                      for t in sorted({t for w in wb for t in users[w]})]
+        for i, assign in enumerate(rounds):
             cot = torch.zeros_like(out)
-            for j, w in enumerate(wb):
-                if t in users[w]:
-                    cot[j * S:(j + 1) * S] = cotangent(plan, targets[t], t, w, out.shape[1],
-                                                       targets[t].class_index, out.device)
-            (g,) = torch.autograd.grad(out, inp, cot, retain_graph=i < len(ts) - 1)
-            reg = regions[t]
-            for j, w in enumerate(wb):
-                if t not in users[w]:
-                    continue
+            for j, w, t in assign:
+                cot[j * S:(j + 1) * S] = cotangent(plan, targets[t], t, w, out.shape[1],
+                                                   targets[t].class_index, out.device)
+            (g,) = torch.autograd.grad(out, inp, cot, retain_graph=i < len(rounds) - 1)
+            for j, w, t in assign:
+                reg = regions[t]
                 img_sl, win_sl = plan.window_image_part(w)
                 dst = tuple(slice(a.start - r.start, a.stop - r.start) for a, r in zip(img_sl, reg))
                 acc[t][(slice(None), slice(None)) + dst] += \
@@ -161,8 +170,9 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
                n_samples: int = 50, noise_level: float = 0.05, per_channel_noise: bool = False,
                noise: torch.Tensor | None = None, seed: int = 0, batch_size: int = 1,
                sw_batch_size: int = 4, variants: Sequence[str] = ("mean",),
-               aggregation: str = "target", device: str | torch.device = "cpu",
-               progress: bool = False) -> list[InstanceSaliency]:
+               aggregation: str = "target", pack: bool = True,
+               device: str | torch.device = "cpu", progress: bool = False
+               ) -> list[InstanceSaliency]:
     """Instance SmoothGrad for many targets, sharing each noisy forward pass.
 
     Parameters
@@ -199,6 +209,10 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
         ``"target"``: gradient of the instance target (default). ``"maxabs"``: per sample,
         at each input voxel the signed gradient of largest magnitude among the per-voxel
         gradients of the instance's logits (seed paper's code; one backward per lesion voxel).
+    pack : bool
+        Share backward passes between targets on different windows of a batch (exact when the
+        model treats batch items independently, as every network in eval mode does; set False
+        for a model whose eval-mode output for one item depends on the others).
 
     Returns
     -------
@@ -252,8 +266,8 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
             n = min(batch_size, n_samples - c0)
             xs = torch.stack([x + next(noise_iter) for _ in range(n)])
             xp = plan_pad(plan, xs)
-            grads = _grads_linear(model, plan, xp, targets, linear, regions, sw_batch_size) \
-                if linear else {}
+            grads = _grads_linear(model, plan, xp, targets, linear, regions, sw_batch_size,
+                                  pack) if linear else {}
             for t in other:
                 fn = _grads_maxabs if aggregation == "maxabs" else _grads_generic
                 grads[t] = fn(model, plan, xp, targets[t], t, regions[t], sw_batch_size)

@@ -1,0 +1,372 @@
+"""The main job: predict, split into lesion instances, explain each instance, quantify, report.
+
+:func:`explain` runs the whole pipeline of one scan (DESIGN.md) and writes an output folder
+whose file names are stable (see the README, "Outputs"). All files are first written into a
+hidden staging folder beside ``out`` and the folder is renamed into place at the end, so an
+interrupted run leaves either the previous complete result or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import InputError, ModelError, OutputError
+
+METHODS = ("smoothgrad", "gradcampp")
+RUN_FILE = "run.json"
+
+
+@dataclass
+class ExplainConfig:
+    """Parameters of :func:`explain` (all recorded in ``run.json``).
+
+    Attributes
+    ----------
+    methods : tuple of str
+        Subset of :data:`METHODS`.
+    n_samples : int
+        SmoothGrad noise samples N (seed paper: 50).
+    noise_level : float
+        SmoothGrad σ as a fraction of the normalised FLAIR range (seed paper: 0.05).
+    mode : {"sliding", "patch"}
+        ``sliding``: exact with respect to sliding-window prediction (window-sparse);
+        ``patch``: one ROI centred on each instance (cheaper, approximate).
+    reduction : {"sum", "mean"}
+        Instance target: lesion logit summed (seed code) or averaged over the instance.
+    connectivity : {6, 18, 26}
+        Connectivity of lesion instances.
+    min_size : float
+        Predicted components smaller than this (``min_size_unit``) are dropped.
+    matching : {"overlap", "iou"}
+        TP/FP/FN rule with a ground-truth mask: any overlap (seed paper) or IoU ≥
+        ``iou_threshold`` (Shifts).
+    threshold : float or None
+        Probability threshold of the mask; ``None`` = the checkpoint's.
+    cam_layer : str or None
+        Grad-CAM++ layer; ``None`` = the architecture's default.
+    max_instances : int
+        Refuse scans with more instances than this (raise ``min_size`` or this limit).
+    figures : bool
+        Write PNG figures and ``report.html``.
+    """
+
+    methods: tuple = METHODS
+    n_samples: int = 50
+    noise_level: float = 0.05
+    mode: str = "sliding"
+    reduction: str = "sum"
+    connectivity: int = 26
+    min_size: float = 3
+    min_size_unit: str = "voxels"
+    matching: str = "overlap"
+    iou_threshold: float = 0.25
+    threshold: float | None = None
+    cam_layer: str | None = None
+    seed: int = 0
+    batch_size: int = 1
+    sw_batch_size: int = 4
+    max_instances: int = 300
+    share_margin_mm: float = 2.0
+    peak_margin_mm: float = 3.0
+    profile_bins_mm: tuple = tuple(range(-3, 9))
+    figures: bool = True
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` for out-of-range parameters."""
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise InputError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+        if self.mode not in ("sliding", "patch"):
+            raise InputError(f"mode must be 'sliding' or 'patch', got {self.mode!r}")
+        if self.n_samples < 1:
+            raise InputError("--n-samples must be at least 1")
+        if not (self.noise_level >= 0 and np.isfinite(self.noise_level)):
+            raise InputError("--noise-level must be a finite number >= 0")
+        if self.connectivity not in (6, 18, 26):
+            raise InputError("--connectivity must be 6, 18 or 26")
+        if self.threshold is not None and not (0 < self.threshold < 1):
+            raise InputError("--threshold must lie strictly between 0 and 1")
+        if self.reduction not in ("sum", "mean"):
+            raise InputError("--reduction must be 'sum' or 'mean'")
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for p in ("instance-saliency", "torch", "monai", "numpy", "scipy", "nibabel",
+              "connected-components-3d", "pandas", "matplotlib"):
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def prepare_output(out: Path, overwrite: bool) -> Path:
+    """Check ``out`` and create a fresh staging folder beside it.
+
+    Raises
+    ------
+    OutputError
+        ``out`` is a file, holds a finished run (or anything) without ``overwrite``, or its
+        parent cannot be written.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        what = "a finished run" if (out / RUN_FILE).exists() else "files"
+        raise OutputError(f"output folder {out} already holds {what}; use --overwrite to replace")
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if stage.exists():
+            shutil.rmtree(stage)
+        stage.mkdir()
+        probe = stage / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"cannot write into {out.parent}: {e.strerror or e}") from None
+    return stage
+
+
+def commit_output(stage: Path, out: Path) -> None:
+    """Move the finished staging folder onto ``out`` (replacing an old run last)."""
+    out = Path(out)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_model_channels(cfg, n_channels: int) -> None:
+    if len(cfg.channels) != n_channels:
+        raise ModelError(f"model expects {len(cfg.channels)} input channels {cfg.channels}, "
+                         f"but {n_channels} were given (FLAIR, MPRAGE)")
+
+
+def explain(flair: str | os.PathLike, mprage: str | os.PathLike, out: str | os.PathLike,
+            mask: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None,
+            config: ExplainConfig | None = None, overwrite: bool = False,
+            progress: bool = True, log=print) -> dict:
+    """Explain every lesion instance of one scan and write the results into ``out``.
+
+    Parameters
+    ----------
+    flair, mprage : path
+        Co-registered, skull-stripped 3D NIfTI images on one grid.
+    out : path
+        Output folder (see the README for its files).
+    mask : path, optional
+        Ground-truth lesion mask: enables TP/FP/FN labels and FN instance maps.
+    model_dir : path, optional
+        Checkpoint folder; default: the shipped model.
+    config : ExplainConfig
+    overwrite : bool
+        Replace a finished run in ``out``.
+
+    Returns
+    -------
+    dict
+        The run summary (also in ``run.json``).
+
+    Raises
+    ------
+    InputError, ModelError, OutputError
+        Bad inputs, checkpoint or output folder; nothing is left in ``out`` then.
+    """
+    import pandas as pd
+    import torch
+
+    from . import datasets
+    from .inference import WindowGrid, sliding_window_logits
+    from .instances import find_instances
+    from .io import CHANNELS, atomic_write_text, load_subject, save_map, zscore_nonzero
+    from .models import DEFAULT_CAM_LAYER, load_checkpoint
+    from .quantify import distance_profile, quantify_instance
+    from .saliency import gradcampp, smoothgrad
+    from .targets import InstanceTarget
+
+    cfg = config or ExplainConfig()
+    cfg.validate()
+    out = Path(out)
+    timings: dict = {}
+    t_all = time.time()
+    subj = load_subject(flair, mprage, mask)
+    model, mcfg = load_checkpoint(model_dir, cfg.device)
+    _check_model_channels(mcfg, subj.image.shape[0])
+    threshold = cfg.threshold if cfg.threshold is not None else mcfg.threshold
+    cam_layer = cfg.cam_layer or DEFAULT_CAM_LAYER.get(mcfg.architecture)
+    if "gradcampp" in cfg.methods and cam_layer is None:
+        raise InputError(f"no default Grad-CAM++ layer for {mcfg.architecture}; give --cam-layer")
+    stage = prepare_output(out, overwrite)
+    try:
+        x = zscore_nonzero(subj.image)
+        xt = torch.from_numpy(x).to(cfg.device)
+        grid = WindowGrid.create(subj.shape, mcfg.roi_size, mcfg.overlap)
+        t0 = time.time()
+        try:
+            with torch.no_grad():
+                logits = sliding_window_logits(model, xt[None], grid, cfg.sw_batch_size, progress)
+        except RuntimeError as e:
+            raise ModelError(f"the model failed on this input: {str(e).splitlines()[0]}") from None
+        if logits.shape[1] <= mcfg.lesion_class:
+            raise ModelError(f"model returns {logits.shape[1]} output channels; lesion class "
+                             f"{mcfg.lesion_class} does not exist")
+        prob = torch.softmax(logits, 1)[0, mcfg.lesion_class].cpu().numpy().astype(np.float32)
+        del logits
+        pred = prob >= threshold
+        timings["predict_s"] = round(time.time() - t0, 2)
+        iset = find_instances(pred, subj.mask, subj.affine, subj.spacing, cfg.connectivity,
+                              cfg.min_size, cfg.min_size_unit, cfg.matching, cfg.iou_threshold)
+        if len(iset.instances) > cfg.max_instances:
+            raise InputError(f"{len(iset.instances)} lesion instances exceed the limit of "
+                             f"{cfg.max_instances}; raise --min-size or --max-instances")
+        kept = iset.pred_labels > 0
+        save_map(stage / "prediction_prob.nii.gz", prob, subj.affine, subj.header)
+        save_map(stage / "prediction_mask.nii.gz", kept.astype(np.uint8), subj.affine,
+                 subj.header, np.uint8)
+        save_map(stage / "instances.nii.gz", iset.label_map, subj.affine, subj.header, np.int32)
+        insts = iset.instances
+        masks = [iset.mask(i) for i in insts]
+        targets = [InstanceTarget(m, mcfg.lesion_class, cfg.reduction, name=f"lesion_{i.label:03d}")
+                   for m, i in zip(masks, insts)]
+        rows = []
+        for i, m in zip(insts, masks):
+            r = i.to_dict()
+            r["prob_mean"] = float(prob[m].mean())
+            r["prob_max"] = float(prob[m].max())
+            rows.append(r)
+        results: dict = {}
+        if insts:
+            if "smoothgrad" in cfg.methods:
+                t0 = time.time()
+                results["smoothgrad"] = smoothgrad(
+                    model, xt, targets, mode=cfg.mode, grid=grid, roi_size=mcfg.roi_size,
+                    overlap=mcfg.overlap, n_samples=cfg.n_samples, noise_level=cfg.noise_level,
+                    seed=cfg.seed, batch_size=cfg.batch_size, sw_batch_size=cfg.sw_batch_size,
+                    device=cfg.device, progress=progress)
+                timings["smoothgrad_s"] = round(time.time() - t0, 2)
+            if "gradcampp" in cfg.methods:
+                t0 = time.time()
+                try:
+                    results["gradcampp"] = gradcampp(
+                        model, xt, targets, cam_layer, mode=cfg.mode, grid=grid,
+                        roi_size=mcfg.roi_size, overlap=mcfg.overlap,
+                        sw_batch_size=cfg.sw_batch_size, device=cfg.device, progress=progress)
+                except ValueError as e:
+                    raise InputError(f"Grad-CAM++: {e}") from None
+                timings["gradcampp_s"] = round(time.time() - t0, 2)
+        t0 = time.time()
+        channel_names = [c.lower() for c in CHANNELS]
+        profiles = []
+        dense_cache: dict = {}
+        for method, res in results.items():
+            (stage / "saliency" / method).mkdir(parents=True, exist_ok=True)
+            chans = CHANNELS if method == "smoothgrad" else ("CAM",)
+            for r, inst, m in zip(rows, insts, masks):
+                k = insts.index(inst)
+                variant = "mean" if method == "smoothgrad" else "raw"
+                dense = res[k].maps[variant].to_dense()
+                if not np.isfinite(dense).all():
+                    raise InputError(f"{method} map of lesion {inst.label} is not finite")
+                fname = stage / "saliency" / method / f"lesion_{inst.label:03d}.nii.gz"
+                save_map(fname, np.moveaxis(dense, 0, -1) if dense.shape[0] > 1 else dense[0],
+                         subj.affine, subj.header)
+                r.update(quantify_instance(dense, m, subj.spacing, chans, method,
+                                           cfg.share_margin_mm, cfg.peak_margin_mm))
+                r[f"{method}_n_windows"] = res[k].n_windows
+                for c, ch in enumerate(chans):
+                    centres, means, counts = distance_profile(dense[c], m, subj.spacing,
+                                                              cfg.profile_bins_mm)
+                    for d, mu, n in zip(centres, means, counts):
+                        profiles.append({"label": inst.label, "status": inst.status,
+                                         "method": method, "channel": ch.lower(),
+                                         "distance_mm": float(d), "mean": float(mu),
+                                         "voxels": int(n)})
+                if cfg.figures:
+                    dense_cache[(method, inst.label)] = dense
+        table = pd.DataFrame(rows)
+        prof = pd.DataFrame(profiles, columns=["label", "status", "method", "channel",
+                                               "distance_mm", "mean", "voxels"])
+        atomic_write_text(stage / "instances.csv", table.to_csv(index=False))
+        atomic_write_text(stage / "profiles.csv", prof.to_csv(index=False))
+        timings["quantify_s"] = round(time.time() - t0, 2)
+        counts = {s: int((table["status"] == s).sum()) if len(table) else 0
+                  for s in ("TP", "FP", "FN", "unknown")}
+        summary = {
+            "instances": len(insts), "predicted": iset.n_pred, "counts": counts,
+            "threshold": threshold, "shape": list(subj.shape), "spacing_mm": list(subj.spacing),
+            "orientation": subj.orientation,
+        }
+        if cfg.figures:
+            t0 = time.time()
+            _figures(stage, subj, x, insts, masks, dense_cache, table, prof, summary, cfg)
+            timings["figures_s"] = round(time.time() - t0, 2)
+        timings["total_s"] = round(time.time() - t_all, 2)
+        run = {
+            "instance_saliency_run": 1,
+            "inputs": {k: {"path": str(Path(p).resolve()), "sha256": datasets.sha256sum(p)}
+                       for k, p in subj.paths.items()},
+            "model": {"folder": str(model_dir or "shipped default"), "config": asdict(mcfg)},
+            "parameters": {**asdict(cfg), "cam_layer": cam_layer, "threshold": threshold},
+            "summary": summary, "timings_s": timings, "versions": _versions(),
+            "seed": cfg.seed, "torch_threads": torch.get_num_threads(),
+        }
+        atomic_write_text(stage / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
+        commit_output(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    n = summary["instances"]
+    msg = (f"{n} lesion instance(s) explained ({', '.join(f'{v} {k}' for k, v in counts.items() if v)})"
+           if n else "no lesion instances found: empty table written")
+    log(f"{msg}; outputs in {out} ({timings['total_s']:.0f} s)")
+    return run
+
+
+def _figures(stage, subj, x, insts, masks, dense_cache, table, prof, summary, cfg) -> None:
+    from .report import (distance_profile_figure, instance_figure, modality_share_figure,
+                         write_report)
+
+    figdir = stage / "figures"
+    figdir.mkdir(exist_ok=True)
+    figs = []
+    flair = subj.image[0]
+    for method in cfg.methods:
+        label = {"smoothgrad": "SmoothGrad", "gradcampp": "Grad-CAM++"}[method]
+        chans = ("FLAIR", "MPRAGE") if method == "smoothgrad" else ("CAM",)
+        for inst, m in zip(insts, masks):
+            dense = dense_cache.get((method, inst.label))
+            if dense is None:
+                continue
+            png = figdir / f"{method}_lesion_{inst.label:03d}.png"
+            instance_figure(flair, m, dense, inst.centroid_vox, subj.spacing,
+                            channel_names=chans, signed=method == "smoothgrad",
+                            title=f"lesion {inst.label} ({inst.status}, {inst.voxels} vox)",
+                            out_png=png, method_label=label)
+            figs.append((f"{label}: lesion {inst.label} ({inst.status})", png, "Lesions"))
+    p1 = figdir / "distance_profile.png"
+    distance_profile_figure(prof, p1, title="saliency against distance from the lesion border")
+    summary_figs = [("Saliency against signed distance from the border (mm)", p1, "Summary")]
+    if "smoothgrad" in cfg.methods:
+        p2 = figdir / "modality_share.png"
+        modality_share_figure(table, p2, method="smoothgrad")
+        summary_figs.append(("FLAIR versus MPRAGE (SmoothGrad)", p2, "Summary"))
+    write_report(stage / "report.html", "instance-saliency report", summary, table,
+                 summary_figs + figs, notes=[f"parameters: {asdict(cfg)}"])

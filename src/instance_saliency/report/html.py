@@ -1,0 +1,184 @@
+"""A single self-contained HTML report: summary, per-lesion table, figures and notes.
+
+The page embeds every PNG as a base64 ``data:`` URI and carries its CSS inline; it needs no
+external file, network access or JavaScript, so it can be mailed or archived on its own.
+All text coming from data (keys, values, lesion labels, captions, notes) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import numbers
+from pathlib import Path
+
+from ..errors import InputError
+from .figures import _atomic_write
+
+__all__ = ["write_report", "PNG_SIGNATURE"]
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif;
+       margin: 1.2em 2em; color: #222; background: #fff; }
+h1 { font-size: 1.5em; margin-bottom: 0.3em; }
+h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; font-size: 0.85em; }
+th, td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; white-space: nowrap; }
+th { background: #f2f2f2; position: sticky; top: 0; }
+table.summary td, table.summary th { text-align: left; }
+.scroll { overflow: auto; max-height: 32em; border: 1px solid #ddd; }
+.grid { display: flex; flex-wrap: wrap; gap: 10px; align-items: flex-start; }
+figure { margin: 0; padding: 4px; border: 1px solid #e3e3e3; background: #fafafa; }
+figure img { display: block; max-width: 100%; height: auto; }
+figcaption { font-size: 0.8em; color: #444; margin-top: 3px; max-width: 40em; }
+.muted { color: #777; }
+"""
+
+
+def _fmt(value) -> str:
+    """Plain-text rendering of a summary value (floats to 4 significant digits)."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        v = float(value)
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def _float_format(x) -> str:
+    return f"{x:.4g}"
+
+
+def _embed_png(path) -> str:
+    """Return a ``data:image/png;base64,...`` URI for a PNG file.
+
+    Raises
+    ------
+    InputError
+        The file is missing, unreadable or not a PNG.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise InputError(f"figure {p} cannot be read: {e.strerror}") from None
+    if not data.startswith(PNG_SIGNATURE):
+        raise InputError(f"figure {p} is not a PNG file")
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _split_figures(figures) -> list:
+    """Group ``(caption, path[, section])`` items by section, keeping first-seen order."""
+    sections: dict = {}
+    for i, item in enumerate(figures):
+        try:
+            item = tuple(item)
+        except TypeError:
+            raise InputError(f"figure {i} must be (caption, png_path[, section]), "
+                             f"got {item!r}") from None
+        if len(item) == 2:
+            caption, path = item
+            section = "Figures"
+        elif len(item) == 3:
+            caption, path, section = item
+        else:
+            raise InputError(f"figure {i} must be (caption, png_path[, section]), got {item!r}")
+        sections.setdefault(str(section), []).append((str(caption), path))
+    return list(sections.items())
+
+
+def write_report(out_html, title: str, summary: dict, table, figures=(), notes=()) -> Path:
+    """Write a self-contained HTML report (embedded PNGs, inline CSS, no scripts).
+
+    Parameters
+    ----------
+    out_html : path
+        File to write; its folder is created if needed. Written atomically (temporary file in
+        the same folder, then rename): if anything fails, an existing file is left untouched.
+    title : str
+        Page title and heading.
+    summary : dict
+        Key/value pairs shown first. Floats are shown to 4 significant digits; dicts and lists
+        are flattened to text (``{"TP": 3}`` -> ``TP: 3``).
+    table : pandas.DataFrame or None
+        Per-lesion table (one row per lesion), shown in full with floats to 4 significant
+        digits and NaN as ``NaN``. ``None`` or an empty table shows "no lesion instances".
+    figures : sequence of (str, path) or (str, path, str)
+        ``(caption, png_path)`` pairs, optionally with a section name as third element
+        (default section ``"Figures"``). Each section is a heading followed by a wrapping
+        grid of the figures at their natural size, in the given order.
+    notes : sequence of str
+        Free-text notes, listed at the end.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_html``.
+
+    Raises
+    ------
+    InputError
+        A figure is missing or not a PNG, or a figure item is malformed.
+    OutputError
+        The folder of ``out_html`` cannot be created or written into.
+    """
+    out_html = Path(out_html)
+    sections = _split_figures(figures)
+    esc = html.escape
+    if summary is None:
+        summary = {}
+    if isinstance(notes, str):
+        notes = [notes]
+    notes = [str(n) for n in notes]
+
+    def write(f):
+        def w(text: str) -> None:
+            f.write(text.encode("utf-8"))
+
+        w("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n")
+        w(f"<title>{esc(str(title))}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n")
+        w(f"<h1>{esc(str(title))}</h1>\n")
+
+        w("<h2>Summary</h2>\n")
+        if summary:
+            w("<table class=\"summary\">\n")
+            for k, v in summary.items():
+                w(f"<tr><th>{esc(str(k))}</th><td>{esc(_fmt(v))}</td></tr>\n")
+            w("</table>\n")
+        else:
+            w("<p class=\"muted\">no summary</p>\n")
+
+        n_rows = 0 if table is None else len(table)
+        w(f"<h2>Lesion instances ({n_rows})</h2>\n")
+        if n_rows:
+            body = table.to_html(index=False, escape=True, float_format=_float_format,
+                                 na_rep="NaN", border=0, classes="lesions")
+            w(f"<div class=\"scroll\">\n{body}\n</div>\n")
+        else:
+            w("<p class=\"muted\">no lesion instances</p>\n")
+
+        for section, items in sections:
+            w(f"<h2>{esc(section)}</h2>\n<div class=\"grid\">\n")
+            for caption, path in items:
+                uri = _embed_png(path)
+                w(f"<figure><img src=\"{uri}\" alt=\"{esc(caption)}\">"
+                  f"<figcaption>{esc(caption)}</figcaption></figure>\n")
+            w("</div>\n")
+
+        if notes:
+            w("<h2>Notes</h2>\n<ul>\n")
+            for n in notes:
+                w(f"<li>{esc(n)}</li>\n")
+            w("</ul>\n")
+        w("</body>\n</html>\n")
+
+    return _atomic_write(out_html, write)
