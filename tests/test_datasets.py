@@ -31,9 +31,13 @@ SMALL = "mslesseg_demo/train/P18/T1/P18_T1_MASK.nii.gz"
 
 
 def _data_dir() -> Path | None:
+    """The local mirror: $INSTANCE_SALIENCY_DATA, else ../shared/data beside the checkout."""
     env = os.environ.get(ENV_VAR)
-    d = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return d if (d / "SHA256SUMS").is_file() else None
+    for d in ([Path(env)] if env else []) + [
+            Path(__file__).resolve().parents[1].parent / "shared" / "data"]:
+        if (d / "SHA256SUMS").is_file():
+            return d
+    return None
 
 
 DATA = _data_dir()

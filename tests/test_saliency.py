@@ -693,6 +693,8 @@ def test_no_state_leaks(method, train, failure):
             _run_gradcampp(model, x, target, layer="inner.99")
     elif failure == "layer_reused":
         model.inner = SharedAct().train(train)
+        model.inner.conv1.bias.grad = torch.ones(3)
+        model.inner.conv2.weight.requires_grad_(False)
         snap = _snapshot(model, x)
         with pytest.raises(ValueError, match="2 times"):
             _run_gradcampp(model, x, target, layer="inner.act")

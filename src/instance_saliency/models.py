@@ -122,6 +122,9 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ModelError(f"{source}: unknown keys {sorted(unknown)}")
+        if not isinstance(d.get("arguments", {}), dict):
+            raise ModelError(f"{source}: 'arguments' must be a JSON object, "
+                             f"got {d['arguments']!r}")
         return cls(**d)
 
 
@@ -133,12 +136,31 @@ def build_model(architecture: str, **arguments) -> torch.nn.Module:
     ModelError
         Unknown name or arguments the builder does not accept.
     """
-    if architecture not in ARCHITECTURES:
+    if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
         raise ModelError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
     try:
         return ARCHITECTURES[architecture](**arguments)
-    except (TypeError, ValueError, AssertionError) as e:
-        raise ModelError(f"cannot build {architecture} with {arguments}: {e}") from None
+    except (TypeError, ValueError, AssertionError, IndexError, KeyError) as e:
+        msg = " ".join(str(e).split())  # one line (MONAI messages can end in a newline)
+        raise ModelError(f"cannot build {architecture} with {arguments}: {msg}") from None
+
+
+def _aliases(state: dict) -> dict:
+    """Key -> earlier key of the very same tensor, for modules registered twice.
+
+    MONAI's ``DynUNet`` (nnunet) holds every block both in its own list and in
+    ``skip_layers``, so its state dict names each tensor twice; safetensors stores one copy.
+    """
+    first, out = {}, {}
+    for k, v in state.items():
+        if v.numel() == 0:
+            continue
+        sig = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride())
+        if sig in first:
+            out[k] = first[sig]
+        else:
+            first[sig] = k
+    return out
 
 
 def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, config: ModelConfig) -> None:
@@ -147,7 +169,9 @@ def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, config: M
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd = model.state_dict()
+    aliases = _aliases(sd)
+    state = {k: v.detach().cpu().contiguous() for k, v in sd.items() if k not in aliases}
     tmp = folder / f".{WEIGHTS_NAME}.tmp"
     save_file(state, str(tmp), metadata={"architecture": config.architecture})
     os.replace(tmp, folder / WEIGHTS_NAME)
@@ -202,6 +226,9 @@ def load_checkpoint(folder: str | os.PathLike | None = None, device: str | torch
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"{w_path} is not a valid safetensors file ({e})") from None
     expected = model.state_dict()
+    for k, src in _aliases(expected).items():  # second names of shared tensors
+        if k not in state and src in state:
+            state[k] = state[src]
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

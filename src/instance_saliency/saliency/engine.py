@@ -178,10 +178,15 @@ class WindowPlan:
         return [len(ws) for ws in self.target_windows]
 
 
-def _batches(plan: WindowPlan, needed: Iterable[int], sw_batch_size: int) -> list[list[int]]:
-    """Group the needed windows into batches of equal-sized windows."""
+def _batches(plan: WindowPlan, needed: Iterable[int], sw_batch_size: int,
+             key=None) -> list[list[int]]:
+    """Group the needed windows into batches of equal-sized windows.
+
+    ``key`` orders the windows before batching (e.g. by the number of targets using each, so
+    that packed backward passes waste few rows); default: window index.
+    """
     by_size: dict = {}
-    for w in sorted(set(needed)):
+    for w in sorted(set(needed), key=key):
         by_size.setdefault(plan.windows[w][1], []).append(w)
     out = []
     for ws in by_size.values():

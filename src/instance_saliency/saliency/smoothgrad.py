@@ -69,7 +69,8 @@ def _grads_linear(model, plan: WindowPlan, xp: torch.Tensor, targets, active, re
            for t in active}
     needed = {w for t in active for w in plan.target_windows[t]}
     users = {w: [t for t in active if w in plan.target_windows[t]] for w in needed}
-    for wb in _batches(plan, needed, sw_batch_size):
+    order = (lambda w: (-len(users[w]), w)) if pack else None
+    for wb in _batches(plan, needed, sw_batch_size, order):
         inp = window_inputs(plan, xp, wb).requires_grad_(True)
         with torch.enable_grad():
             out = model(inp)
