@@ -322,9 +322,6 @@ def test_complex_data_refused(tmp_path):
     _raises_naming(p, load_volume, p, match="non-real")
 
 
-@pytest.mark.xfail(strict=True, reason="io.load_subject takes spacing from the header's pixdim "
-                   "without checking it: NaN/Inf or a pixdim that disagrees with the sform "
-                   "affine give a NaN or wrong Subject.spacing (volumes in mm3 downstream)")
 @pytest.mark.parametrize("pixdim", [np.nan, 5.0])
 def test_spacing_consistent_with_affine(tmp_path, pixdim):
     img = nib.Nifti1Image(_image(1), AFFINE)

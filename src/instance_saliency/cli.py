@@ -133,6 +133,7 @@ def cmd_predict(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
+    import numpy as np
     import pandas as pd
 
     from .io import atomic_write_text, load_mask, load_volume
@@ -152,7 +153,7 @@ def cmd_evaluate(a) -> int:
         ref = load_volume(m, "mask")
         gt = load_mask(m)
         pr = load_mask(p, ref, m)
-        spacing = tuple(float(z) for z in ref.header.get_zooms()[:3])
+        spacing = tuple(float(v) for v in np.linalg.norm(ref.affine[:3, :3], axis=0))
         rows.append({"subject": subj, **evaluate_pair(gt, pr, spacing, a.iou_threshold,
                                                       a.connectivity)})
     table = pd.DataFrame(rows)
@@ -165,6 +166,25 @@ def cmd_evaluate(a) -> int:
         print(f"metrics of {len(rows)} subject(s) written to {a.out}")
     else:
         print(text, end="")
+    return 0
+
+
+def cmd_cohort(a) -> int:
+    from .cohort import parse_shard, run_cohort
+
+    shard = parse_shard(a.shard) if a.shard else None
+    res = run_cohort(a.data, a.out, _explain_config(a), model_dir=a.model, shard=shard,
+                     overwrite=a.overwrite, progress=not a.quiet,
+                     allow_outside_root=a.allow_outside_root, n_boot=a.n_boot, seed=a.seed)
+    return 1 if res["failed"] else 0
+
+
+def cmd_analyze(a) -> int:
+    from .stats import analyze
+
+    analyze(a.outdir, n_boot=a.n_boot, seed=a.seed, p0=a.p0, method=a.method,
+            include_log_volume=a.log_volume, threshold_rule=a.threshold_rule,
+            figures=not a.no_figures)
     return 0
 
 
@@ -272,6 +292,40 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=6)
     ev.add_argument("--out", help="CSV path (default: print)")
     ev.set_defaults(func=cmd_evaluate)
+
+    co = sub.add_parser("cohort", help="explain every subject of a dataset (resumable), then "
+                        "run the cohort statistics; exit status 1 if some subjects failed")
+    co.add_argument("--data", required=True, help="folder in nnU-Net raw layout (imagesTs/"
+                    "<case>_0000 = FLAIR, _0001 = MPRAGE, labelsTs/<case>) or CSV manifest "
+                    "with columns subject,flair,mprage[,mask]")
+    co.add_argument("--out", required=True, help="cohort folder (subjects/<subject>/, "
+                    "failures.json, stats)")
+    co.add_argument("--shard", metavar="I/N", help="process only every N-th subject starting "
+                    "at the I-th (1-based) of the sorted list; skips the statistics when N > 1")
+    co.add_argument("--allow-outside-root", action="store_true",
+                    help="allow manifest paths outside the manifest's folder")
+    co.add_argument("--n-boot", type=int, default=1000,
+                    help="subject-bootstrap resamples of the statistics (default 1000; "
+                         "--seed seeds them too)")
+    _add_explain_options(co)
+    co.set_defaults(func=cmd_cohort)
+
+    an = sub.add_parser("analyze", help="cohort statistics of a cohort folder: stats.json, "
+                        "stats.md, figures, cohort_report.html")
+    an.add_argument("outdir", help="cohort folder written by `instance-saliency cohort`")
+    an.add_argument("--n-boot", type=int, default=1000,
+                    help="subject-bootstrap resamples of every CI (default 1000)")
+    an.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and classifier")
+    an.add_argument("--p0", type=float, default=0.25, help="null proportion of lesions with "
+                    "positive saliency inside and negative in the rim (default 0.25)")
+    an.add_argument("--method", default="smoothgrad", help="saliency method of the FLAIR/"
+                    "MPRAGE and rim analyses (default smoothgrad)")
+    an.add_argument("--log-volume", action="store_true",
+                    help="add ln(lesion volume) to the false-positive classifier's features")
+    an.add_argument("--threshold-rule", choices=("f1", "youden"), default="f1",
+                    help="flagging threshold chosen in each training fold (default f1)")
+    an.add_argument("--no-figures", action="store_true", help="skip PNGs and the HTML report")
+    an.set_defaults(func=cmd_analyze)
     return p
 
 

@@ -162,7 +162,8 @@ def load_subject(flair: str | os.PathLike, mprage: str | os.PathLike,
         if not np.any(image[c]):
             raise InputError(f"{name} file {p} is all zero")
     m = load_mask(mask, f_img, flair) if mask is not None else None
-    spacing = tuple(float(s) for s in f_img.header.get_zooms()[:3])
+    # voxel spacing from the affine (column norms), the grid actually used for world mm
+    spacing = tuple(float(v) for v in np.linalg.norm(f_img.affine[:3, :3], axis=0))
     paths = {"flair": str(flair), "mprage": str(mprage)}
     if mask is not None:
         paths["mask"] = str(mask)

@@ -1,0 +1,420 @@
+"""Explain a whole cohort, resumably, then pool the lesion tables and run the statistics.
+
+:func:`run_cohort` runs :func:`instance_saliency.explain.explain` on every subject of a
+dataset and writes ``out/subjects/<subject>/`` (the folder of one ``explain`` run). Because a
+subject folder appears only once its run is complete (staging folder + atomic rename), the
+cohort is resumable: a re-run skips subjects whose folder has ``run.json``, removes leftover
+staging folders of a killed run, and redoes only what is missing. ``--shard i/n`` splits the
+subjects between independent processes writing into the same ``out``. At the end the cohort
+statistics (:func:`instance_saliency.stats.analyze`) are computed, unless the run is one shard
+of several (then run ``instance-saliency analyze OUT`` once all shards are done).
+
+Datasets are given as
+
+* an nnU-Net raw folder: ``imagesTs/<case>_0000.nii.gz`` (FLAIR), ``<case>_0001.nii.gz``
+  (MPRAGE), optional ``labelsTs/<case>.nii.gz`` (ground-truth lesion mask); ``imagesTr`` /
+  ``labelsTr`` are used when there is no ``imagesTs``; or
+* a CSV manifest with columns ``subject, flair, mprage`` and optional ``mask`` (may be empty):
+  relative paths are relative to the manifest's folder, which is also the data root that no
+  path may leave (after resolving ``..`` and symbolic links) unless ``allow_outside_root``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import InputError, InstanceSaliencyError, OutputError
+from .explain import RUN_FILE, ExplainConfig, explain
+
+__all__ = ["Case", "discover_cases", "parse_shard", "shard_cases", "run_cohort",
+           "SUBJECTS_DIR", "FAILURES_FILE"]
+
+SUBJECTS_DIR = "subjects"
+FAILURES_FILE = "failures.json"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_NNUNET_FILE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})\.nii(\.gz)?$")
+_NIFTI = re.compile(r"\.nii(\.gz)?$")
+#: ExplainConfig fields that change no number (memory, speed, display): not compared on resume
+_NEUTRAL = {"batch_size", "sw_batch_size", "device", "figures"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One subject of a cohort: its name (the output folder name) and input files."""
+
+    subject: str
+    flair: Path
+    mprage: Path
+    mask: Path | None = None
+
+
+def _check_names(cases: list, where: str) -> None:
+    seen: dict = {}
+    for c in cases:
+        if not _SAFE_NAME.match(c.subject) or ".partial-" in c.subject or ".old-" in c.subject:
+            raise InputError(f"{where}: subject name {c.subject!r} is not usable as a folder "
+                             f"name (letters, digits, '.', '_', '-'; not starting with '.')")
+        key = c.subject.lower()  # folders collide on case-insensitive file systems
+        if key in seen:
+            raise InputError(f"{where}: subject name {c.subject!r} is not unique "
+                             f"(also {seen[key]!r})")
+        seen[key] = c.subject
+
+
+def _nnunet_cases(root: Path) -> list:
+    split = "Ts" if (root / "imagesTs").is_dir() else "Tr"
+    images, labels = root / f"images{split}", root / f"labels{split}"
+    if not images.is_dir():
+        raise InputError(f"{root}: neither imagesTs/ nor imagesTr/ (nnU-Net raw layout) found; "
+                         f"give a folder in that layout or a CSV manifest")
+    channels: dict = {}
+    for f in sorted(images.iterdir()):
+        if f.name.startswith(".") or not _NIFTI.search(f.name):
+            continue
+        m = _NNUNET_FILE.match(f.name)
+        if not m:
+            raise InputError(f"{f}: not named <case>_XXXX.nii.gz (nnU-Net raw layout)")
+        channels.setdefault(m["case"], {})[int(m["ch"])] = f
+    if not channels:
+        raise InputError(f"{images}: no <case>_0000.nii.gz images found")
+    cases = []
+    for name, ch in sorted(channels.items()):
+        if 0 not in ch:
+            raise InputError(f"case {name!r} in {images} has no FLAIR image ({name}_0000.nii.gz)")
+        if 1 not in ch:
+            raise InputError(f"case {name!r} in {images} has no MPRAGE image "
+                             f"({name}_0001.nii.gz)")
+        mask = next((p for p in (labels / f"{name}.nii.gz", labels / f"{name}.nii")
+                     if p.is_file()), None)
+        cases.append(Case(name, ch[0], ch[1], mask))
+    _check_names(cases, str(images))
+    return cases
+
+
+def _manifest_cases(manifest: Path, allow_outside_root: bool) -> list:
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise InputError(f"cannot read manifest {manifest}: {str(e).splitlines()[0]}") from None
+    df.columns = [str(c).strip().lower() for c in df.columns]
+    missing = [c for c in ("subject", "flair", "mprage") if c not in df.columns]
+    if missing:
+        raise InputError(f"manifest {manifest} lacks column(s) {', '.join(missing)} "
+                         f"(needs subject,flair,mprage[,mask])")
+    if not len(df):
+        raise InputError(f"manifest {manifest} lists no subjects")
+    root = manifest.parent.resolve()
+    cases = []
+    for i, r in enumerate(df.to_dict(orient="records"), start=1):
+        subject = r["subject"].strip()
+        where = f"manifest {manifest.name} row {i} (subject {subject!r})"
+        if not subject:
+            raise InputError(f"manifest {manifest.name} row {i}: empty subject name")
+        paths = {}
+        for col in ("flair", "mprage", "mask"):
+            v = str(r.get(col, "") or "").strip()
+            if not v:
+                if col == "mask":
+                    paths[col] = None
+                    continue
+                raise InputError(f"{where}: no {col.upper()} path")
+            p = Path(v).expanduser()
+            p = (p if p.is_absolute() else manifest.parent / p).resolve()
+            if not allow_outside_root and not p.is_relative_to(root):
+                raise InputError(f"{where}: {col} path {v!r} lies outside the data root {root}; "
+                                 f"use --allow-outside-root to allow it")
+            if not p.is_file():
+                raise InputError(f"{where}: {col} file {p} not found")
+            paths[col] = p
+        cases.append(Case(subject, paths["flair"], paths["mprage"], paths["mask"]))
+    _check_names(cases, f"manifest {manifest.name}")
+    return cases
+
+
+def discover_cases(data: str | os.PathLike, allow_outside_root: bool = False) -> list:
+    """List the subjects of a dataset folder (nnU-Net raw layout) or CSV manifest.
+
+    Parameters
+    ----------
+    data : path
+        Folder with ``imagesTs/`` (else ``imagesTr/``) and optional ``labelsTs/``
+        (``labelsTr/``), files ``<case>_0000.nii.gz`` = FLAIR, ``<case>_0001.nii.gz`` =
+        MPRAGE, ``<case>.nii.gz`` = mask (channels beyond ``_0001`` are ignored); or a CSV file
+        with columns ``subject, flair, mprage`` and optional ``mask``.
+    allow_outside_root : bool
+        Allow manifest paths outside the manifest's folder.
+
+    Returns
+    -------
+    list of Case
+        Sorted by subject name; paths are absolute for manifests.
+
+    Raises
+    ------
+    InputError
+        ``data`` missing; a case without FLAIR or MPRAGE; a manifest row with a missing file,
+        a missing column, or (without ``allow_outside_root``) a path outside the data root;
+        subject names that are not unique or not safe as folder names.
+    """
+    data = Path(data)
+    if data.is_dir():
+        cases = _nnunet_cases(data)
+    elif data.is_file():
+        cases = _manifest_cases(data, allow_outside_root)
+    else:
+        raise InputError(f"dataset {data} not found (give a folder in nnU-Net raw layout or a "
+                         f"CSV manifest)")
+    return sorted(cases, key=lambda c: c.subject)
+
+
+def parse_shard(text: str) -> tuple:
+    """Parse ``"i/n"`` (1-based ``i``, ``1 <= i <= n``) into ``(i, n)``.
+
+    Raises
+    ------
+    InputError
+        Malformed or out of range.
+    """
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m or not (1 <= int(m[1]) <= int(m[2])):
+        raise InputError(f"--shard must be i/n with 1 <= i <= n, got {text!r}")
+    return int(m[1]), int(m[2])
+
+
+def shard_cases(cases: list, shard: tuple | None) -> list:
+    """Every n-th case of the list sorted by subject, starting at the i-th (1-based).
+
+    Shard ``(i, n)`` takes sorted positions ``i-1, i-1+n, i-1+2n, ...``; the shards
+    ``1/n .. n/n`` partition the cohort, deterministically.
+    """
+    cases = sorted(cases, key=lambda c: c.subject)
+    if shard is None:
+        return cases
+    i, n = shard
+    if not (isinstance(i, int) and isinstance(n, int) and 1 <= i <= n):
+        raise InputError(f"shard must be (i, n) with 1 <= i <= n, got {shard!r}")
+    return cases[i - 1::n]
+
+
+# --------------------------------------------------------------------------------------------
+# bookkeeping
+
+
+def _remove_leftovers(subjects_dir: Path, subject: str) -> list:
+    """Remove staging / replaced folders ``.<subject>.partial-<pid>`` / ``.old-<pid>``."""
+    pat = re.compile(rf"^\.{re.escape(subject)}\.(partial|old)-\d+$")
+    removed = []
+    if subjects_dir.is_dir():
+        for p in subjects_dir.iterdir():
+            if pat.match(p.name):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p.name)
+    return removed
+
+
+@contextmanager
+def _locked(path: Path):
+    """Exclusive advisory lock on ``path`` (POSIX ``flock``; no-op elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _update_failures(out: Path, failed: dict, cleared: list) -> dict:
+    """Merge this run's failures into ``out/failures.json`` (locked, atomic write).
+
+    Subjects in ``cleared`` (done or complete in this run) are removed; entries of subjects
+    this run did not touch (other shards) are kept. The file is removed when it would be empty.
+    """
+    from .io import atomic_write_text
+
+    path = out / FAILURES_FILE
+    with _locked(out / ".failures.lock"):
+        cur = {}
+        if path.is_file():
+            try:
+                cur = json.loads(path.read_text())
+            except (OSError, ValueError):
+                cur = {}
+        for s in cleared:
+            cur.pop(s, None)
+        cur.update(failed)
+        cur = dict(sorted(cur.items()))
+        if cur:
+            atomic_write_text(path, json.dumps(cur, indent=2) + "\n")
+        elif path.exists():
+            path.unlink()
+    return cur
+
+
+def _norm(v):
+    return json.loads(json.dumps(v, default=str))
+
+
+def _parameter_mismatch(run_file: Path, cfg: ExplainConfig, model_folder: str) -> str | None:
+    """Describe how a finished run's parameters differ from ``cfg`` (None if they agree)."""
+    try:
+        run = json.loads(run_file.read_text())
+        stored = run["parameters"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"unreadable {run_file.name}"
+    for k, v in asdict(cfg).items():
+        if k in _NEUTRAL or (k in ("threshold", "cam_layer") and v is None):
+            continue
+        if k in stored and _norm(stored[k]) != _norm(v):
+            return f"{k} = {stored[k]!r} there, {v!r} now"
+    folder = str(run.get("model", {}).get("folder"))
+    if folder != model_folder:
+        return f"model {folder} there, {model_folder} now"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# the cohort run
+
+
+def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainConfig,
+               model_dir: str | os.PathLike | None = None, shard: tuple | None = None,
+               overwrite: bool = False, progress: bool = True, allow_outside_root: bool = False,
+               n_boot: int = 1000, seed: int = 0, log=print) -> dict:
+    """Explain every subject of a dataset into ``out/subjects/<subject>/`` (resumable).
+
+    Parameters
+    ----------
+    data : path
+        nnU-Net raw folder or CSV manifest, see :func:`discover_cases`.
+    out : path
+        Cohort folder: ``subjects/<subject>/`` (one :func:`~instance_saliency.explain.explain`
+        output each), ``failures.json``, and the statistics of
+        :func:`instance_saliency.stats.analyze`.
+    config : ExplainConfig
+        Parameters of every subject's run.
+    model_dir : path, optional
+        Checkpoint folder; default the shipped model.
+    shard : (int, int), optional
+        ``(i, n)``: process only shard ``i`` of ``n`` (:func:`shard_cases`). With ``n > 1`` the
+        statistics are not computed (run :func:`~instance_saliency.stats.analyze` at the end).
+    overwrite : bool
+        Redo subjects that are already complete.
+    progress : bool
+        Show a progress bar over subjects.
+    allow_outside_root : bool
+        Allow manifest paths outside the manifest's folder.
+    n_boot, seed : int
+        Bootstrap resamples and seed of the statistics (figures and the HTML report only when
+        ``config.figures``).
+    log : callable
+        Receives one-line messages.
+
+    Returns
+    -------
+    dict
+        ``subjects`` (this shard's, sorted), ``done``, ``skipped`` (already complete),
+        ``failed`` (subject -> ``{"error", "message", "time"}``), ``removed_leftovers``,
+        ``analysis`` (the result of :func:`~instance_saliency.stats.analyze`, or None).
+
+    Raises
+    ------
+    InputError
+        Bad dataset (see :func:`discover_cases`), bad parameters, or a complete subject whose
+        ``run.json`` records other explain parameters or another model (use the same options,
+        or ``overwrite``); from the analysis: no subject finished.
+    OutputError
+        ``out`` is not a usable folder.
+    KeyboardInterrupt
+        Passed on; the subject being explained leaves nothing behind but its staging folder
+        (removed at the next run), finished subjects stay.
+
+    Notes
+    -----
+    A subject that fails with an :class:`~instance_saliency.errors.InstanceSaliencyError`
+    (bad scan, too many lesions, ...) is recorded in ``out/failures.json`` and the run goes
+    on; a failed subject is retried by the next run. Do not run the same shard twice at the
+    same time: each run deletes the staging leftovers of its own subjects.
+    """
+    from tqdm import tqdm
+
+    config.validate()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a folder")
+    cases = discover_cases(data, allow_outside_root)
+    mine = shard_cases(cases, shard)
+    sub = out / SUBJECTS_DIR
+    try:
+        sub.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {sub}: {e.strerror or e}") from None
+    model_folder = str(Path(model_dir).resolve()) if model_dir is not None else None
+    stored_model = model_folder or "shipped default"
+    if not overwrite:  # refuse to mix parameters before doing any work
+        for c in mine:
+            rf = sub / c.subject / RUN_FILE
+            if rf.is_file():
+                why = _parameter_mismatch(rf, config, stored_model)
+                if why:
+                    raise InputError(f"subject {c.subject} in {sub} was explained with other "
+                                     f"parameters ({why}); use the same options or --overwrite")
+    done, skipped, failed, leftovers = [], [], {}, []
+    t0 = time.time()
+    bar = tqdm(mine, desc="subjects", unit="subject", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    say = tqdm.write if progress else log
+    try:
+        for c in bar:
+            bar.set_postfix_str(c.subject, refresh=False)
+            target = sub / c.subject
+            leftovers += _remove_leftovers(sub, c.subject)
+            if (target / RUN_FILE).is_file() and not overwrite:
+                skipped.append(c.subject)
+                continue
+            try:
+                explain(c.flair, c.mprage, target, mask=c.mask, model_dir=model_folder,
+                        config=config, overwrite=overwrite, progress=False,
+                        log=lambda m, s=c.subject: say(f"{s}: {m}"))
+            except InstanceSaliencyError as e:
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                failed[c.subject] = {"error": type(e).__name__, "message": msg,
+                                     "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                say(f"{c.subject}: failed: {msg}")
+                _update_failures(out, {c.subject: failed[c.subject]}, [])
+                continue
+            done.append(c.subject)
+    finally:
+        bar.close()
+        _update_failures(out, {}, done + skipped)
+    where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
+    log(f"cohort{where}: {len(done)} done, {len(skipped)} skipped (already complete), "
+        f"{len(failed)} failed of {len(mine)} subject(s) in {time.time() - t0:.0f} s; "
+        f"outputs in {sub}" + (f"; failures in {out / FAILURES_FILE}" if failed else ""))
+    analysis = None
+    if shard is None or shard[1] == 1:
+        from .stats import analyze
+
+        analysis = analyze(out, n_boot=n_boot, seed=seed, figures=config.figures, log=log)
+    else:
+        log(f"after all {shard[1]} shards: instance-saliency analyze {out}")
+    return {"subjects": [c.subject for c in mine], "done": done, "skipped": skipped,
+            "failed": failed, "removed_leftovers": leftovers, "analysis": analysis}

@@ -1,0 +1,1268 @@
+"""Cohort statistics of per-lesion saliency: TP vs FP vs FN, FLAIR vs MPRAGE, lesion vs rim,
+and flagging likely false positives.
+
+Input: the pooled per-lesion tables written by :func:`instance_saliency.explain.explain` for many
+subjects (``instances.csv``, ``profiles.csv``; see the README, "Outputs"), one row per lesion
+with a ``subject`` column. Every function here is a pure function of those tables (no NIfTI).
+:func:`analyze` runs them all on a cohort folder written by
+:func:`instance_saliency.cohort.run_cohort` and writes ``stats.json``, ``stats.md``, figures and
+``cohort_report.html``.
+
+The questions follow the cohort findings of Spagnolo et al. [1]_: saliency is positive inside
+lesions and negative in the rim around them, FLAIR dominates over MPRAGE, and the peak saliency
+differs between true- and false-positive lesions, so it can flag segmentation errors.
+
+Lesions of one subject are not independent (same scan, same noise, same model behaviour), so
+every confidence interval that is meant for inference resamples *subjects* (cluster bootstrap
+[7]_), and the error-flagging classifier is validated with subject-grouped cross-validation.
+The rank tests (Kruskal-Wallis, Mann-Whitney, Wilcoxon, binomial) treat lesions as independent,
+as in [1]_; read their p-values as descriptive when a few subjects contribute most lesions.
+
+References
+----------
+.. [1] F. Spagnolo et al., "Instance-level quantitative saliency in multiple sclerosis lesion
+   segmentation", arXiv:2406.09335, 2024.
+.. [2] W. H. Kruskal and W. A. Wallis, "Use of ranks in one-criterion variance analysis",
+   JASA 47(260), 583-621, 1952.
+.. [3] H. B. Mann and D. R. Whitney, "On a test of whether one of two random variables is
+   stochastically larger than the other", Ann. Math. Statist. 18(1), 50-60, 1947.
+.. [4] S. Holm, "A simple sequentially rejective multiple test procedure", Scand. J. Statist.
+   6(2), 65-70, 1979.
+.. [5] D. S. Kerby, "The simple difference formula: an approach to teaching nonparametric
+   correlation", Comprehensive Psychology 3, 2014 (rank-biserial r = 1 - 2U/(n1 n2), after
+   H. W. Wendt, Eur. J. Soc. Psychol. 2(4), 463-465, 1972).
+.. [6] J. A. Hanley and B. J. McNeil, "The meaning and use of the area under a receiver
+   operating characteristic (ROC) curve", Radiology 143(1), 29-36, 1982 (AUC = U/(n1 n2)).
+.. [7] C. A. Field and A. H. Welsh, "Bootstrapping clustered data", J. R. Statist. Soc. B
+   69(3), 369-390, 2007.
+.. [8] F. Wilcoxon, "Individual comparisons by ranking methods", Biometrics Bulletin 1(6),
+   80-83, 1945.
+.. [9] C. J. Clopper and E. S. Pearson, "The use of confidence or fiducial limits illustrated in
+   the case of the binomial", Biometrika 26(4), 404-413, 1934.
+.. [10] W. J. Youden, "Index for rating diagnostic tests", Cancer 3(1), 32-35, 1950.
+.. [11] A. Malinin et al., "Shifts 2.0: Extending the dataset of real distributional shifts",
+   arXiv:2206.15407, 2022 (lesion F1 = TP / (TP + (FP + FN) / 2)).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError
+
+__all__ = [
+    "STATUSES",
+    "pool_instances",
+    "holm",
+    "rank_biserial",
+    "subject_bootstrap",
+    "peak_by_status",
+    "flair_vs_mprage",
+    "profile_by_status",
+    "sign_pattern",
+    "lesion_features",
+    "choose_threshold",
+    "detection_counts",
+    "flag_errors",
+    "analyze",
+]
+
+#: lesion statuses compared across groups (``unknown`` rows, without ground truth, are left out)
+STATUSES = ("TP", "FP", "FN")
+#: pairs of statuses for the post-hoc Mann-Whitney tests, in this order
+PAIRS = (("TP", "FP"), ("TP", "FN"), ("FP", "FN"))
+#: groups with fewer values than this are left out of a rank test
+MIN_GROUP = 2
+
+_PEAK_RE = re.compile(r"^(.+)_peak_(max|min)$")
+
+
+# --------------------------------------------------------------------------------------------
+# pooling
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:  # a subject without lesions writes an empty table
+        return pd.DataFrame()
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def pool_instances(out: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Pool the per-lesion tables of every complete subject of a cohort folder.
+
+    Reads ``out/subjects/<subject>/instances.csv`` and ``profiles.csv`` of every subject folder
+    that holds a ``run.json`` (a finished run; hidden staging folders are skipped) and prepends
+    a ``subject`` column (the folder name, as text).
+
+    Parameters
+    ----------
+    out : path
+        Cohort output folder (see :func:`instance_saliency.cohort.run_cohort`).
+
+    Returns
+    -------
+    instances : pandas.DataFrame
+        One row per lesion of all subjects (columns of ``instances.csv`` plus ``subject``);
+        the union of the subjects' columns (a method missing in one subject is NaN there).
+        The attribute ``instances.attrs["subjects"]`` lists every pooled subject, including
+        those without any lesion.
+    profiles : pandas.DataFrame
+        Rows of all ``profiles.csv`` with ``subject`` prepended (columns ``subject, label,
+        status, method, channel, distance_mm, mean, voxels``).
+
+    Raises
+    ------
+    InputError
+        No subject folder with ``instances.csv`` under ``out/subjects``, or a table cannot be
+        read.
+    """
+    root = Path(out) / "subjects"
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and (p / "run.json").is_file() and (p / "instances.csv").is_file()) \
+        if root.is_dir() else []
+    if not dirs:
+        raise InputError(f"no subjects with instances.csv under {root}")
+    inst, prof = [], []
+    for d in dirs:
+        t = _read_csv(d / "instances.csv")
+        t.insert(0, "subject", d.name)
+        inst.append(t)
+        pf = d / "profiles.csv"
+        if pf.is_file():
+            p = _read_csv(pf)
+            p.insert(0, "subject", d.name)
+            prof.append(p)
+    inst = [t for t in inst if len(t)]
+    prof = [p for p in prof if len(p)]
+    instances = (pd.concat(inst, ignore_index=True, sort=False) if inst
+                 else pd.DataFrame(columns=["subject", "label", "status"]))
+    profiles = (pd.concat(prof, ignore_index=True, sort=False) if prof
+                else pd.DataFrame(columns=["subject", "label", "status", "method", "channel",
+                                           "distance_mm", "mean", "voxels"]))
+    instances["subject"] = instances["subject"].astype(str)
+    profiles["subject"] = profiles["subject"].astype(str)
+    instances.attrs["subjects"] = [d.name for d in dirs]
+    return instances, profiles
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+
+
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+    """Holm step-down adjustment of a family of p-values [4]_.
+
+    With the ``m`` finite p-values sorted ascending, ``p_(1) <= ... <= p_(m)``, the adjusted
+    values are ``q_(j) = min(1, max_{i <= j} (m - i + 1) p_(i))``. NaN p-values are left NaN
+    and do not count in ``m``.
+
+    Parameters
+    ----------
+    pvalues : sequence of float, length k
+
+    Returns
+    -------
+    ndarray, float64, shape (k,)
+        Adjusted p-values in the input order.
+    """
+    p = np.asarray(pvalues, dtype=np.float64).ravel()
+    out = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    q = p[ok]
+    m = q.size
+    if m:
+        order = np.argsort(q, kind="stable")
+        adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * q[order]))
+        res = np.empty(m)
+        res[order] = adj
+        out[ok] = res
+    return out
+
+
+def rank_biserial(u: float, n1: int, n2: int) -> float:
+    """Rank-biserial correlation from a Mann-Whitney U [5]_: ``r = 1 - 2 U / (n1 n2)``.
+
+    ``U`` is the statistic of the *first* sample ``a`` (number of pairs with ``a > b``, ties
+    counting 1/2; what :func:`scipy.stats.mannwhitneyu` returns for ``(a, b)``), so
+    ``r = P(b > a) - P(a > b)``: **positive when the second group tends to have larger
+    values**, in [-1, 1].
+    """
+    if n1 <= 0 or n2 <= 0:
+        return float("nan")
+    return 1.0 - 2.0 * float(u) / (n1 * n2)
+
+
+def _auc(y: np.ndarray, score: np.ndarray) -> float:
+    """AUC by ranks (= Mann-Whitney U of the positives / (n1 n0), ties 1/2) [6]_."""
+    from scipy.stats import rankdata
+
+    n1 = int(y.sum())
+    n0 = y.size - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    r = rankdata(score)
+    return float((r[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+
+
+def subject_bootstrap(subjects: Sequence, statistic: Callable[[np.ndarray], float],
+                      n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile confidence interval by resampling subjects (cluster bootstrap) [7]_.
+
+    Each replicate draws as many subjects as there are, with replacement, and pools all their
+    rows (a subject drawn twice contributes its rows twice); ``statistic`` is evaluated on the
+    row indices of that pool. Replicates where it returns NaN (e.g. an AUC on a pool with one
+    class only) are skipped and counted.
+
+    Parameters
+    ----------
+    subjects : sequence, length n
+        Subject of each row.
+    statistic : callable
+        ``statistic(idx) -> float`` with ``idx`` an int array of row indices (repeats allowed).
+    n_boot : int
+        Number of replicates.
+    seed : int
+        Seed of :func:`numpy.random.default_rng`; the same seed gives the same interval.
+    level : float
+        Coverage of the interval, in (0, 1).
+
+    Returns
+    -------
+    dict
+        ``estimate`` (statistic on all rows), ``ci_low``, ``ci_high`` (percentiles
+        ``(1 - level) / 2`` and ``(1 + level) / 2`` of the valid replicates; NaN when none),
+        ``n_boot`` (requested), ``n_valid`` (replicates used), ``level``, ``n_subjects``.
+    """
+    subjects = np.asarray(subjects).astype(str)
+    n = subjects.size
+    estimate = float(statistic(np.arange(n))) if n else float("nan")
+    uniq, codes = np.unique(subjects, return_inverse=True)
+    rows = [np.flatnonzero(codes == k) for k in range(uniq.size)]
+    rng = np.random.default_rng(seed)
+    vals = []
+    if uniq.size and n_boot > 0:
+        for _ in range(int(n_boot)):
+            pick = rng.integers(0, uniq.size, uniq.size)
+            v = float(statistic(np.concatenate([rows[k] for k in pick])))
+            if math.isfinite(v):
+                vals.append(v)
+    a = (1.0 - level) / 2.0
+    lo, hi = (np.percentile(vals, [100 * a, 100 * (1 - a)]) if vals else (np.nan, np.nan))
+    return {"estimate": estimate, "ci_low": float(lo), "ci_high": float(hi),
+            "n_boot": int(n_boot), "n_valid": len(vals), "level": level,
+            "n_subjects": int(uniq.size)}
+
+
+def _status(df: pd.DataFrame) -> np.ndarray:
+    return df["status"].astype(str).to_numpy() if "status" in df else np.array([""] * len(df))
+
+
+def _num(df: pd.DataFrame, col: str) -> np.ndarray:
+    return pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. peak saliency by status
+
+
+def peak_features(columns: Sequence[str]) -> list:
+    """The ``*_peak_max`` / ``*_peak_min`` columns, in table order."""
+    return [c for c in columns if _PEAK_RE.match(str(c))]
+
+
+def peak_by_status(instances: pd.DataFrame, features: Sequence[str] | None = None,
+                   n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Compare peak saliency between TP, FP and FN lesions.
+
+    For each feature (default: every ``*_peak_max`` and ``*_peak_min`` column), NaN values
+    dropped:
+
+    * **Kruskal-Wallis H** across the status groups [2]_ (:func:`scipy.stats.kruskal`); groups
+      with fewer than 2 values are left out; NaN when fewer than 2 groups remain (or all
+      values are equal).
+    * **Mann-Whitney U**, two-sided [3]_, for each pair ``(a, b)`` of :data:`PAIRS`
+      (TP-FP, TP-FN, FP-FN), with ``U`` the statistic of ``a``; the p-values of the pairs of
+      one feature are **Holm-adjusted** [4]_ (:func:`holm`).
+    * **rank-biserial r** = ``1 - 2 U / (n_a n_b)`` [5]_ = ``P(b > a) - P(a > b)``: positive
+      when group ``b`` has larger values (e.g. r > 0 for TP-FP means FP peaks are higher).
+    * **AUC of the feature for TP vs FP**, positive class FP
+      (:func:`sklearn.metrics.roc_auc_score`): the probability that a random FP lesion has a
+      larger value than a random TP lesion, ``AUC = U_FP / (n_FP n_TP)`` [6]_; AUC < 0.5 means
+      FP values are lower. Its ``level`` CI resamples subjects (:func:`subject_bootstrap`).
+
+    Parameters
+    ----------
+    instances : pandas.DataFrame
+        Pooled lesion table with ``subject``, ``status`` and the feature columns.
+    features : sequence of str, optional
+        Columns to test (default: :func:`peak_features`).
+    n_boot, seed, level :
+        Bootstrap of the AUC CI, see :func:`subject_bootstrap`.
+
+    Returns
+    -------
+    dict
+        ``features``: list of dicts, one per feature, with ``feature``, ``n`` (status -> count),
+        ``median`` (status -> median), ``kruskal_h``, ``kruskal_p``, ``groups_tested``,
+        ``pairs`` (list of dicts ``a, b, n_a, n_b, u, p, p_holm, rank_biserial``) and
+        ``auc_fp_vs_tp`` (dict ``auc, ci_low, ci_high, n_valid, n_boot, n_tp, n_fp``).
+    """
+    from scipy.stats import kruskal, mannwhitneyu
+    from sklearn.metrics import roc_auc_score
+
+    features = list(features) if features is not None else peak_features(instances.columns)
+    status = _status(instances)
+    subj = instances["subject"].astype(str).to_numpy() if "subject" in instances \
+        else np.zeros(len(instances), dtype=str)
+    results = []
+    for feat in features:
+        x = _num(instances, feat)
+        ok = np.isfinite(x)
+        groups = {s: x[ok & (status == s)] for s in STATUSES}
+        tested = [s for s in STATUSES if groups[s].size >= MIN_GROUP]
+        h = p = float("nan")
+        if len(tested) >= 2:
+            try:
+                with warnings.catch_warnings():  # all values identical -> NaN (or ValueError)
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    h, p = (float(v) for v in kruskal(*[groups[s] for s in tested]))
+            except ValueError:
+                pass
+        pairs = []
+        for a, b in PAIRS:
+            xa, xb = groups[a], groups[b]
+            row = {"a": a, "b": b, "n_a": int(xa.size), "n_b": int(xb.size), "u": float("nan"),
+                   "p": float("nan"), "rank_biserial": float("nan")}
+            if xa.size >= MIN_GROUP and xb.size >= MIN_GROUP:
+                res = mannwhitneyu(xa, xb, alternative="two-sided")
+                row["u"] = float(res.statistic)
+                row["p"] = float(res.pvalue)
+                row["rank_biserial"] = rank_biserial(res.statistic, xa.size, xb.size)
+            pairs.append(row)
+        for row, q in zip(pairs, holm([r["p"] for r in pairs])):
+            row["p_holm"] = float(q)
+        sel = ok & np.isin(status, ("TP", "FP"))
+        y = status[sel] == "FP"
+        xs = x[sel]
+        auc = {"auc": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
+               "n_valid": 0, "n_boot": int(n_boot), "n_tp": int((~y).sum()),
+               "n_fp": int(y.sum())}
+        if y.any() and (~y).any():
+            auc["auc"] = float(roc_auc_score(y, xs))
+            bs = subject_bootstrap(subj[sel], lambda i: _auc(y[i], xs[i]), n_boot, seed, level)
+            auc.update(ci_low=bs["ci_low"], ci_high=bs["ci_high"], n_valid=bs["n_valid"])
+        results.append({
+            "feature": feat,
+            "n": {s: int(groups[s].size) for s in STATUSES},
+            "median": {s: (float(np.median(groups[s])) if groups[s].size else float("nan"))
+                       for s in STATUSES},
+            "kruskal_h": h, "kruskal_p": p, "groups_tested": tested,
+            "pairs": pairs, "auc_fp_vs_tp": auc,
+        })
+    return {"features": results, "level": level}
+
+
+# --------------------------------------------------------------------------------------------
+# 2. FLAIR versus MPRAGE
+
+
+def flair_vs_mprage(instances: pd.DataFrame, method: str = "smoothgrad", n_boot: int = 1000,
+                    seed: int = 0, level: float = 0.95) -> dict:
+    """Per-lesion comparison of the saliency magnitude of FLAIR and MPRAGE.
+
+    * Paired magnitude: ``{method}_{ch}_sum_abs`` (sum of ``|S|`` in the lesion) when the table
+      has it for both channels, else ``|{method}_{ch}_mean_in|`` (absolute signed lesion mean;
+      the lesion size is the same for both channels, so this compares per-voxel magnitudes).
+      Wilcoxon signed-rank test, two-sided, on the paired values [8]_
+      (:func:`scipy.stats.wilcoxon`, zero differences dropped, its default).
+    * FLAIR share ``{method}_flair_share`` = Σ|S_FLAIR| / (Σ|S_FLAIR| + Σ|S_MPRAGE|) over the
+      lesion dilated by 2 mm (see :func:`instance_saliency.quantify.quantify_instance`): its
+      median over lesions, with a ``level`` CI resampling subjects
+      (:func:`subject_bootstrap`), and per status.
+
+    Parameters
+    ----------
+    instances : pandas.DataFrame
+        Pooled lesion table.
+    method : str
+        Column prefix (``"smoothgrad"``; Grad-CAM++ has no per-modality maps).
+    n_boot, seed, level :
+        Bootstrap of the median share, see :func:`subject_bootstrap`.
+
+    Returns
+    -------
+    dict
+        ``quantity``, ``n`` (lesions with both values), ``median_flair``, ``median_mprage``,
+        ``median_difference`` (FLAIR - MPRAGE), ``fraction_flair_larger``, ``wilcoxon_w``,
+        ``wilcoxon_p``, and ``share`` (``median, ci_low, ci_high, n, n_valid, by_status``).
+        ``available`` is False (with ``reason``) when the columns are missing.
+    """
+    from scipy.stats import wilcoxon
+
+    cols_sum = [f"{method}_{c}_sum_abs" for c in ("flair", "mprage")]
+    cols_mean = [f"{method}_{c}_mean_in" for c in ("flair", "mprage")]
+    if all(c in instances for c in cols_sum):
+        quantity, cols = "sum_abs", cols_sum
+    elif all(c in instances for c in cols_mean):
+        quantity, cols = "abs_mean_in", cols_mean
+    else:
+        return {"available": False, "reason": f"no {method} FLAIR/MPRAGE columns"}
+    a, b = np.abs(_num(instances, cols[0])), np.abs(_num(instances, cols[1]))
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    res = {"available": True, "quantity": quantity, "columns": cols, "n": int(a.size),
+           "median_flair": float(np.median(a)) if a.size else float("nan"),
+           "median_mprage": float(np.median(b)) if b.size else float("nan"),
+           "median_difference": float(np.median(a - b)) if a.size else float("nan"),
+           "fraction_flair_larger": float(np.mean(a > b)) if a.size else float("nan"),
+           "wilcoxon_w": float("nan"), "wilcoxon_p": float("nan")}
+    if a.size and np.any(a != b):
+        try:
+            w = wilcoxon(a, b, alternative="two-sided")
+            res["wilcoxon_w"], res["wilcoxon_p"] = float(w.statistic), float(w.pvalue)
+        except ValueError:
+            pass
+    share_col = f"{method}_flair_share"
+    if share_col in instances:
+        s = _num(instances, share_col)
+        oks = np.isfinite(s)
+        sv = s[oks]
+        subj = instances["subject"].astype(str).to_numpy()[oks]
+        status = _status(instances)[oks]
+        bs = subject_bootstrap(subj, lambda i: float(np.median(sv[i])) if i.size else np.nan,
+                               n_boot, seed, level) if sv.size else None
+        res["share"] = {
+            "column": share_col, "n": int(sv.size),
+            "median": float(np.median(sv)) if sv.size else float("nan"),
+            "ci_low": bs["ci_low"] if bs else float("nan"),
+            "ci_high": bs["ci_high"] if bs else float("nan"),
+            "n_valid": bs["n_valid"] if bs else 0, "level": level,
+            "fraction_above_half": float(np.mean(sv > 0.5)) if sv.size else float("nan"),
+            "by_status": {st: {"n": int((status == st).sum()),
+                               "median": float(np.median(sv[status == st]))
+                               if (status == st).any() else float("nan")}
+                          for st in STATUSES},
+        }
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# 3. lesion versus rim
+
+
+def profile_by_status(profiles: pd.DataFrame, method: str = "smoothgrad",
+                      channel: str = "flair", level: float = 0.95) -> pd.DataFrame:
+    """Mean saliency profile against signed distance from the border, per status, with a CI.
+
+    Each lesion contributes one value per distance bin (its mean saliency in the bin, from
+    ``profiles.csv``; empty bins are NaN and skipped). Per status (TP, FP, FN, and ``all``)
+    and bin: the mean over lesions and a **t-interval over lesions**,
+    ``mean ± t_{(1+level)/2, n-1} · sd / sqrt(n)`` (sd with ddof 1). The t-interval treats
+    lesions as independent, ignoring that lesions of one subject are correlated: it is a
+    descriptive band, narrower than a subject-level interval would be.
+
+    Parameters
+    ----------
+    profiles : pandas.DataFrame
+        Pooled ``profiles.csv`` (``subject, label, status, method, channel, distance_mm,
+        mean``).
+    method, channel : str
+        Which profiles (``channel`` lowercase: ``flair``, ``mprage``, ``cam``).
+    level : float
+        Coverage of the interval.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``status, distance_mm, n, mean, sd, ci_low, ci_high`` (CI NaN when n < 2),
+        sorted by status then distance.
+    """
+    from scipy.stats import t as t_dist
+
+    cols = ["status", "distance_mm", "n", "mean", "sd", "ci_low", "ci_high"]
+    if profiles is None or not len(profiles):
+        return pd.DataFrame(columns=cols)
+    p = profiles[(profiles["method"].astype(str) == method)
+                 & (profiles["channel"].astype(str).str.lower() == channel.lower())].copy()
+    p["mean"] = pd.to_numeric(p["mean"], errors="coerce")
+    p["distance_mm"] = pd.to_numeric(p["distance_mm"], errors="coerce")
+    p = p[np.isfinite(p["mean"]) & np.isfinite(p["distance_mm"])]
+    rows = []
+    groups = [(s, p[p["status"].astype(str) == s]) for s in STATUSES] + [("all", p)]
+    for s, g in groups:
+        for d, v in g.groupby("distance_mm")["mean"]:
+            v = v.to_numpy(dtype=np.float64)
+            n = v.size
+            m = float(v.mean())
+            sd = float(v.std(ddof=1)) if n >= 2 else float("nan")
+            half = (float(t_dist.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
+                    if n >= 2 else float("nan"))
+            rows.append({"status": s, "distance_mm": float(d), "n": n, "mean": m, "sd": sd,
+                         "ci_low": m - half, "ci_high": m + half})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def sign_pattern(instances: pd.DataFrame, method: str = "smoothgrad", channel: str = "flair",
+                 rim_mm: Sequence[int] = (1, 2, 3), p0: float = 0.25,
+                 alternative: str = "two-sided", level: float = 0.95) -> dict:
+    """Proportion of lesions with positive saliency inside and negative saliency in the rim.
+
+    A lesion shows the pattern when ``{method}_{channel}_mean_in > 0`` **and** the rim mean —
+    the unweighted mean of the shell means ``{method}_{channel}_rim_out_{k}mm`` for ``k`` in
+    ``rim_mm`` (default the 1-3 mm rim outside the border; NaN shells skipped) — is ``< 0``.
+    Lesions without a finite inside value or rim mean are left out. Exact binomial test
+    (:func:`scipy.stats.binomtest`) of the count against ``p0``, with a Clopper-Pearson CI of
+    the proportion [9]_, overall and per status.
+
+    Why ``p0 = 0.25``: with no systematic effect, the sign of each of the two quantities is
+    positive or negative with probability about 1/2, so both hold together with probability
+    about 1/2 · 1/2 = 1/4 if they are independent. A proportion well above 1/4 supports the
+    paper's "positive inside, negative in the rim" finding [1]_. ``p0`` is a parameter
+    because independence is an assumption (neighbouring shells share voxels' smoothing).
+
+    Parameters
+    ----------
+    instances : pandas.DataFrame
+        Pooled lesion table.
+    method, channel : str
+        Which saliency (default FLAIR SmoothGrad).
+    rim_mm : sequence of int
+        Outside shells averaged into the rim mean.
+    p0 : float
+        Null proportion, in (0, 1).
+    alternative : {"two-sided", "greater", "less"}
+        Alternative of :func:`scipy.stats.binomtest`.
+    level : float
+        Coverage of the Clopper-Pearson interval.
+
+    Returns
+    -------
+    dict
+        ``available``; ``overall`` and ``by_status`` (status -> dict) each with ``n``, ``k``
+        (lesions with the pattern), ``proportion``, ``ci_low``, ``ci_high``, ``p`` (binomial
+        test), ``fraction_positive_inside``, ``fraction_negative_rim``; plus ``p0``,
+        ``alternative``, ``rim_columns``.
+
+    Raises
+    ------
+    InputError
+        ``p0`` not in (0, 1).
+    """
+    from scipy.stats import binomtest
+
+    if not (0 < p0 < 1):
+        raise InputError(f"p0 must lie strictly between 0 and 1, got {p0}")
+    pre = f"{method}_{channel}"
+    rim_cols = [f"{pre}_rim_out_{k:g}mm" for k in rim_mm]
+    missing = [c for c in [f"{pre}_mean_in", *rim_cols] if c not in instances]
+    if missing:
+        return {"available": False, "reason": f"missing column(s) {missing}"}
+    inside = _num(instances, f"{pre}_mean_in")
+    rim_vals = np.column_stack([_num(instances, c) for c in rim_cols]) if len(instances) \
+        else np.zeros((0, len(rim_cols)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows -> NaN
+        rim = np.nanmean(rim_vals, axis=1) if rim_vals.size else np.zeros(0)
+    ok = np.isfinite(inside) & np.isfinite(rim)
+    status = _status(instances)
+
+    def one(sel):
+        n = int(sel.sum())
+        pos, neg = inside[sel] > 0, rim[sel] < 0
+        k = int((pos & neg).sum())
+        r = {"n": n, "k": k, "proportion": k / n if n else float("nan"),
+             "ci_low": float("nan"), "ci_high": float("nan"), "p": float("nan"),
+             "fraction_positive_inside": float(pos.mean()) if n else float("nan"),
+             "fraction_negative_rim": float(neg.mean()) if n else float("nan")}
+        if n:
+            bt = binomtest(k, n, p0, alternative=alternative)
+            ci = bt.proportion_ci(confidence_level=level, method="exact")
+            r.update(p=float(bt.pvalue), ci_low=float(ci.low), ci_high=float(ci.high))
+        return r
+
+    return {"available": True, "method": method, "channel": channel, "rim_columns": rim_cols,
+            "p0": p0, "alternative": alternative, "level": level, "overall": one(ok),
+            "by_status": {s: one(ok & (status == s)) for s in STATUSES}}
+
+
+# --------------------------------------------------------------------------------------------
+# 4. error flagging
+
+
+def lesion_features(instances: pd.DataFrame, include_log_volume: bool = False,
+                    rim_mm: Sequence[int] = (1, 2, 3)) -> pd.DataFrame:
+    """Per-lesion features of the false-positive classifier.
+
+    For every method/channel prefix ``p`` found in the table (a ``{p}_peak_max`` column):
+    ``{p}_peak_max``, ``{p}_peak_min``, ``{p}_mean_in`` and ``{p}_rim_1_3mm`` (unweighted mean
+    of the outside shell means of ``rim_mm``, NaN shells skipped); plus every
+    ``{method}_{ch}_share`` of a method with at least two channels (a one-channel share is
+    constant); plus ``log_volume_mm3`` = ln(volume in mm³) when ``include_log_volume``.
+    NaNs are kept (the classifier imputes them inside each training fold).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per input row, same index.
+    """
+    feats = {}
+    prefixes = [m.group(1) for c in instances.columns
+                if (m := _PEAK_RE.match(str(c))) and m.group(2) == "max"]
+    by_method: dict = {}
+    for p in prefixes:
+        feats[f"{p}_peak_max"] = _num(instances, f"{p}_peak_max")
+        if f"{p}_peak_min" in instances:
+            feats[f"{p}_peak_min"] = _num(instances, f"{p}_peak_min")
+        if f"{p}_mean_in" in instances:
+            feats[f"{p}_mean_in"] = _num(instances, f"{p}_mean_in")
+        rc = [f"{p}_rim_out_{k:g}mm" for k in rim_mm if f"{p}_rim_out_{k:g}mm" in instances]
+        if rc:
+            v = np.column_stack([_num(instances, c) for c in rc])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows -> NaN
+                feats[f"{p}_rim_1_3mm" if tuple(rim_mm) == (1, 2, 3)
+                      else f"{p}_rim_mean"] = np.nanmean(v, axis=1) if len(v) else v[:, 0]
+        method = p.split("_")[0]
+        by_method.setdefault(method, []).append(p)
+    for method, ps in by_method.items():
+        if len(ps) >= 2:
+            for c in instances.columns:
+                if str(c).startswith(method + "_") and str(c).endswith("_share"):
+                    feats[str(c)] = _num(instances, str(c))
+    if include_log_volume and "volume_mm3" in instances:
+        vol = _num(instances, "volume_mm3")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            feats["log_volume_mm3"] = np.where(vol > 0, np.log(vol), np.nan)
+    return pd.DataFrame(feats, index=instances.index)
+
+
+def detection_counts(tp: int, fp: int, fn: int) -> dict:
+    """Lesion F1, TPR and FDR from lesion counts (Shifts definition [11]_).
+
+    ``F1 = TP / (TP + (FP + FN) / 2)`` (1.0 when all counts are 0), ``TPR = TP / (TP + FN)``,
+    ``FDR = FP / (TP + FP)`` (NaN when the denominator is 0). TP and FP count predicted lesions
+    and FN counts missed ground-truth lesions.
+    """
+    denom = tp + 0.5 * (fp + fn)
+    return {"tp": int(tp), "fp": int(fp), "fn": int(fn),
+            "f1": 1.0 if denom == 0 else tp / denom,
+            "tpr": tp / (tp + fn) if tp + fn else float("nan"),
+            "fdr": fp / (tp + fp) if tp + fp else float("nan")}
+
+
+def choose_threshold(prob_fp: np.ndarray, is_fp: np.ndarray, n_fn: int = 0,
+                     rule: str = "f1") -> float:
+    """Flagging threshold on predicted FP probabilities (lesions with ``prob >= t`` removed).
+
+    Called by :func:`flag_errors` with the **training fold only**.
+
+    * ``rule="f1"``: the threshold that maximises the pooled lesion F1 of these lesions after
+      removing the flagged ones. Removing a TP lesion turns its ground-truth lesion into a
+      missed one (approximation: one ground-truth lesion per TP lesion), so after removal
+      ``TP' = TP - r_TP``, ``FP' = FP - r_FP``, ``FN' = FN + r_TP``. Candidates: every
+      distinct probability and ``+inf`` (remove nothing); ties go to the highest threshold
+      (fewest removals).
+    * ``rule="youden"``: maximises Youden's J = TPR − FPR of FP detection [10]_ over the
+      thresholds of :func:`sklearn.metrics.roc_curve`.
+
+    Parameters
+    ----------
+    prob_fp : ndarray, shape (n,)
+        Predicted probability that each lesion is a false positive.
+    is_fp : ndarray of bool, shape (n,)
+        True for FP lesions, False for TP lesions.
+    n_fn : int
+        Missed ground-truth lesions (FN) of the same subjects.
+    rule : {"f1", "youden"}
+
+    Returns
+    -------
+    float
+        The threshold (``inf`` = flag nothing).
+    """
+    p = np.asarray(prob_fp, dtype=np.float64)
+    y = np.asarray(is_fp, dtype=bool)
+    if rule == "youden":
+        from sklearn.metrics import roc_curve
+
+        if y.all() or not y.any():
+            return float("inf")
+        fpr, tpr, thr = roc_curve(y, p)
+        j = tpr - fpr
+        return float(thr[int(np.flatnonzero(np.isclose(j, j.max()))[0])])
+    if rule != "f1":
+        raise InputError(f"threshold rule must be 'f1' or 'youden', got {rule!r}")
+    tp0, fp0 = int((~y).sum()), int(y.sum())
+    order = np.argsort(-p, kind="stable")
+    ps, ys = p[order], y[order]
+    cum_fp, cum_tp = np.cumsum(ys), np.cumsum(~ys)
+    # last index of each distinct value in the descending order: remove all with p >= value
+    last = np.flatnonzero(np.r_[ps[1:] != ps[:-1], True]) if ps.size else np.zeros(0, int)
+    cands = np.r_[np.inf, ps[last]]
+    r_fp = np.r_[0, cum_fp[last]]
+    r_tp = np.r_[0, cum_tp[last]]
+    tp1, fp1, fn1 = tp0 - r_tp, fp0 - r_fp, n_fn + r_tp
+    denom = tp1 + 0.5 * (fp1 + fn1)
+    f1 = np.where(denom > 0, tp1 / np.where(denom > 0, denom, 1), 1.0)
+    best = int(np.flatnonzero(np.isclose(f1, f1.max(), rtol=0, atol=1e-12))[0])
+    return float(cands[best])
+
+
+def _splitter(n_groups: int, n_splits: int):
+    from sklearn.model_selection import GroupKFold, LeaveOneGroupOut
+
+    if n_groups <= n_splits:
+        return LeaveOneGroupOut(), "LeaveOneGroupOut"
+    return GroupKFold(n_splits=n_splits), f"GroupKFold({n_splits})"
+
+
+def _classifier(seed: int):
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(SimpleImputer(strategy="median"), StandardScaler(),
+                         LogisticRegression(class_weight="balanced", max_iter=2000,
+                                            random_state=seed))
+
+
+def flag_errors(instances: pd.DataFrame, features: Sequence[str] | None = None,
+                include_log_volume: bool = False, n_splits: int = 5,
+                threshold_rule: str = "f1", n_boot: int = 1000, seed: int = 0,
+                level: float = 0.95) -> dict:
+    """Predict which predicted lesions are false positives from their saliency.
+
+    Model: logistic regression on standardised per-lesion features (:func:`lesion_features`,
+    or ``features`` columns of ``instances``), class weights balanced, median imputation of
+    NaN (imputer, scaler and model are fitted inside each training fold). Target: FP (1) vs
+    TP (0) among predicted lesions; FN rows have no prediction and only enter the detection
+    counts.
+
+    Validation: subject-grouped cross-validation, so that no subject is ever in the training
+    and the test part of one fold: :class:`~sklearn.model_selection.LeaveOneGroupOut` when
+    there are at most ``n_splits`` subjects with predicted lesions, otherwise
+    :class:`~sklearn.model_selection.GroupKFold`. In each fold the flagging threshold is chosen
+    by :func:`choose_threshold` on the **training fold's** own predicted probabilities
+    (in-sample, with the training subjects' FN count) and then applied to the test fold.
+    A fold whose training part holds one class only is skipped (its subjects are left out of
+    every result and listed).
+
+    Reported: the out-of-fold AUC (positive class FP) with a ``level`` CI resampling subjects,
+    and the pooled lesion counts, F1, TPR and FDR of the segmentation before and after
+    removing the lesions flagged as FP (:func:`detection_counts`). After removal a removed TP
+    lesion's ground-truth lesion counts as missed (FN + 1): an approximation that assumes one
+    ground-truth lesion per TP lesion (a TP that merged several, or several TPs that split
+    one, make it inexact).
+
+    Parameters
+    ----------
+    instances : pandas.DataFrame
+        Pooled lesion table (``subject``, ``status``, ``label`` and feature columns).
+    features : sequence of str, optional
+        Feature columns; default :func:`lesion_features`.
+    include_log_volume : bool
+        Add ln(lesion volume) to the default features.
+    n_splits : int
+        Folds of GroupKFold (at least 2).
+    threshold_rule : {"f1", "youden"}
+        See :func:`choose_threshold`.
+    n_boot, seed, level :
+        Bootstrap of the AUC CI (:func:`subject_bootstrap`); ``seed`` also seeds the model.
+
+    Returns
+    -------
+    dict
+        ``status``: ``"ok"`` or ``"not enough data"`` (then ``reason``, and nothing else is
+        computed) — at least 2 subjects must each have both TP and FP lesions. With ``"ok"``:
+        ``features``, ``cv`` (splitter name), ``folds`` (list of dicts ``train_subjects,
+        test_subjects, threshold, n_train, n_test, skipped``), ``threshold_rule``, ``auc``
+        (``auc, ci_low, ci_high, n_valid, n``), ``before`` and ``after`` (dicts of
+        :func:`detection_counts`), ``removed`` (``tp``, ``fp``), ``subjects`` (evaluated),
+        ``skipped_subjects``, ``coefficients`` (feature -> standardised coefficient of a model
+        fitted on all lesions, for reading only), and ``predictions`` (DataFrame with
+        ``subject, label, status, prob_fp, flagged``; NaN for skipped folds).
+    """
+    if n_splits < 2:
+        raise InputError(f"n_splits must be at least 2, got {n_splits}")
+    if "subject" not in instances or "status" not in instances:
+        return {"status": "not enough data", "reason": "no subject/status columns"}
+    status = _status(instances)
+    subj_all = instances["subject"].astype(str).to_numpy()
+    pred_rows = np.isin(status, ("TP", "FP"))
+    df = instances[pred_rows]
+    subj = subj_all[pred_rows]
+    y = status[pred_rows] == "FP"
+    both = sorted(s for s in np.unique(subj) if y[subj == s].any() and (~y[subj == s]).any())
+    if len(both) < 2:
+        return {"status": "not enough data",
+                "reason": f"{len(both)} subject(s) with both TP and FP lesions (need >= 2)",
+                "n_tp": int((~y).sum()), "n_fp": int(y.sum())}
+    if features is None:
+        X = lesion_features(df, include_log_volume)
+    else:
+        missing = [f for f in features if f not in df]
+        if missing:
+            raise InputError(f"feature column(s) {missing} not in the lesion table")
+        X = df[list(features)].apply(pd.to_numeric, errors="coerce")
+    X = X.loc[:, X.notna().any()]
+    if X.shape[1] == 0:
+        return {"status": "not enough data", "reason": "no usable feature column"}
+    Xv = X.to_numpy(dtype=np.float64)
+    fn_by_subject = pd.Series(status == "FN").groupby(subj_all).sum()
+    groups_u = np.unique(subj)
+    splitter, cv_name = _splitter(groups_u.size, n_splits)
+    oof = np.full(len(df), np.nan)
+    flagged = np.zeros(len(df), dtype=bool)
+    folds, skipped = [], []
+    for tr, te in splitter.split(Xv, y, groups=subj):
+        tr_s, te_s = sorted(set(subj[tr])), sorted(set(subj[te]))
+        fold = {"train_subjects": tr_s, "test_subjects": te_s, "n_train": int(tr.size),
+                "n_test": int(te.size), "threshold": float("nan"), "skipped": False}
+        if y[tr].all() or not y[tr].any():
+            fold["skipped"] = True
+            skipped += te_s
+            folds.append(fold)
+            continue
+        model = _classifier(seed).fit(Xv[tr], y[tr])
+        p_tr = model.predict_proba(Xv[tr])[:, 1]
+        n_fn_tr = int(sum(fn_by_subject.get(s, 0) for s in tr_s))
+        thr = choose_threshold(p_tr, y[tr], n_fn_tr, threshold_rule)
+        p_te = model.predict_proba(Xv[te])[:, 1]
+        oof[te] = p_te
+        flagged[te] = p_te >= thr
+        fold["threshold"] = thr
+        folds.append(fold)
+    covered = np.isfinite(oof)
+    from sklearn.metrics import roc_auc_score
+
+    yc, pc = y[covered], oof[covered]
+    auc = {"auc": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
+           "n_valid": 0, "n": int(covered.sum())}
+    if yc.any() and (~yc).any():
+        auc["auc"] = float(roc_auc_score(yc, pc))
+        bs = subject_bootstrap(subj[covered], lambda i: _auc(yc[i], pc[i]), n_boot, seed, level)
+        auc.update(ci_low=bs["ci_low"], ci_high=bs["ci_high"], n_valid=bs["n_valid"])
+    evaluated = sorted(set(subj_all) - set(skipped))
+    ev_all = np.isin(subj_all, evaluated)
+    tp0 = int((ev_all & (status == "TP")).sum())
+    fp0 = int((ev_all & (status == "FP")).sum())
+    fn0 = int((ev_all & (status == "FN")).sum())
+    r_tp = int((flagged & ~y).sum())
+    r_fp = int((flagged & y).sum())
+    full = _classifier(seed).fit(Xv, y)
+    coefs = dict(zip(X.columns, (float(c) for c in full[-1].coef_[0])))
+    preds = pd.DataFrame({"subject": subj, "label": df["label"].to_numpy() if "label" in df
+                          else np.arange(len(df)), "status": status[pred_rows],
+                          "prob_fp": oof, "flagged": flagged})
+    return {
+        "status": "ok", "features": list(X.columns), "cv": cv_name, "folds": folds,
+        "threshold_rule": threshold_rule, "auc": auc,
+        "before": detection_counts(tp0, fp0, fn0),
+        "after": detection_counts(tp0 - r_tp, fp0 - r_fp, fn0 + r_tp),
+        "removed": {"tp": r_tp, "fp": r_fp}, "subjects": evaluated,
+        "skipped_subjects": sorted(skipped), "coefficients": coefs, "predictions": preds,
+        "level": level,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# analysis of a cohort folder
+
+
+def _clean(obj):
+    """JSON-safe copy: numpy scalars to Python, NaN/Inf to None, DataFrames left out."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items() if not isinstance(v, pd.DataFrame)}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    return obj
+
+
+def _f(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return str(int(v))
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if not math.isfinite(v):
+        return "–" if math.isnan(v) else str(v)
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4):
+        return f"{v:.{digits - 1}e}"
+    return f"{v:.{digits}g}" if abs(v) < 1 else f"{v:.{digits + 1}g}"
+
+
+def _pct(v) -> str:
+    return "–" if v is None or not math.isfinite(float(v)) else f"{100 * float(v):.0f} %"
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _ci(d: dict, est_key: str) -> str:
+    return f"{_f(d.get(est_key))} [{_f(d.get('ci_low'))}, {_f(d.get('ci_high'))}]"
+
+
+def _markdown(res: dict) -> str:
+    out = [f"# Cohort statistics\n",
+           f"{res['n_subjects']} subjects, {res['n_lesions']} lesions "
+           f"({', '.join(f'{k} {v}' for k, v in res['counts'].items())}). "
+           f"Bootstrap: {res['n_boot']} resamples of subjects, seed {res['seed']}; "
+           f"CIs are 95 %.\n"]
+    out.append("\n## Peak saliency by lesion status\n\n"
+               "Kruskal–Wallis across TP/FP/FN; pairwise two-sided Mann–Whitney U with Holm "
+               "adjustment per feature; rank-biserial r = 1 − 2U/(n_a n_b) = P(b > a) − "
+               "P(a > b) (positive: group b larger). AUC: feature for FP vs TP (positive class "
+               "FP; < 0.5 means FP values are lower), CI by subject bootstrap.\n\n")
+    rows = []
+    for f in res["peak_by_status"]["features"]:
+        a = f["auc_fp_vs_tp"]
+        rows.append([f["feature"], "/".join(str(f["n"][s]) for s in STATUSES),
+                     "/".join(_f(f["median"][s]) for s in STATUSES), _f(f["kruskal_h"]),
+                     _f(f["kruskal_p"]), _ci(a, "auc")])
+    out.append(_md_table(["feature", "n TP/FP/FN", "median TP/FP/FN", "H", "p (KW)",
+                          "AUC FP vs TP [95% CI]"], rows))
+    rows = [[f["feature"], f"{p['a']}–{p['b']}", p["n_a"], p["n_b"], _f(p["u"]), _f(p["p"]),
+             _f(p["p_holm"]), _f(p["rank_biserial"])]
+            for f in res["peak_by_status"]["features"] for p in f["pairs"]]
+    out.append("\n" + _md_table(["feature", "pair a–b", "n_a", "n_b", "U_a", "p", "p (Holm)",
+                                 "r"], rows))
+    fm = res["flair_vs_mprage"]
+    out.append("\n## FLAIR versus MPRAGE\n\n")
+    if fm.get("available"):
+        out.append(f"Paired per lesion ({fm['quantity']}, n = {fm['n']}): median FLAIR "
+                   f"{_f(fm['median_flair'])}, median MPRAGE {_f(fm['median_mprage'])}, "
+                   f"FLAIR larger in {_pct(fm['fraction_flair_larger'])} of lesions; Wilcoxon "
+                   f"signed-rank W = {_f(fm['wilcoxon_w'])}, p = {_f(fm['wilcoxon_p'])}.\n")
+        if "share" in fm:
+            s = fm["share"]
+            out.append(f"\nMedian FLAIR share {_ci(s, 'median')} (n = {s['n']}, subject "
+                       f"bootstrap); > 0.5 in {_pct(s['fraction_above_half'])} of lesions. "
+                       "By status: " + ", ".join(
+                           f"{k} {_f(v['median'])} (n = {v['n']})"
+                           for k, v in s["by_status"].items()) + ".\n")
+    else:
+        out.append(f"not available: {fm.get('reason')}\n")
+    sp = res["sign_pattern"]
+    out.append("\n## Lesion versus rim\n\n")
+    if sp.get("available"):
+        out.append(f"Lesions with {sp['method']} {sp['channel']} mean inside > 0 and mean over "
+                   f"the {sp['rim_columns'][0].rsplit('_', 2)[-1]}–"
+                   f"{sp['rim_columns'][-1].rsplit('_', 1)[-1]} rim < 0; exact binomial test "
+                   f"against p0 = {sp['p0']} ({sp['alternative']}), Clopper–Pearson CI.\n\n")
+        rows = [[g, d["n"], d["k"], _ci(d, "proportion"), _f(d["p"]),
+                 _f(d["fraction_positive_inside"]), _f(d["fraction_negative_rim"])]
+                for g, d in [("all", sp["overall"]), *sp["by_status"].items()]]
+        out.append(_md_table(["lesions", "n", "k", "proportion [95% CI]", "p", "inside > 0",
+                              "rim < 0"], rows))
+    else:
+        out.append(f"not available: {sp.get('reason')}\n")
+    out.append("\nDistance profiles (mean ± t-interval over lesions) are in "
+               "`figures/profile_by_status.png` and `stats.json`.\n")
+    fe = res["flag_errors"]
+    out.append("\n## Flagging false positives from saliency\n\n")
+    if fe["status"] != "ok":
+        out.append(f"not enough data: {fe.get('reason')}\n")
+    else:
+        out.append(f"Logistic regression (standardised features, balanced classes) on "
+                   f"{len(fe['features'])} features, {fe['cv']} over subjects; threshold rule "
+                   f"`{fe['threshold_rule']}` chosen inside each training fold. Out-of-fold AUC "
+                   f"{_ci(fe['auc'], 'auc')} (n = {fe['auc']['n']} lesions). Removing flagged "
+                   f"lesions removed {fe['removed']['fp']} FP and {fe['removed']['tp']} TP "
+                   f"(a removed TP counts as a missed lesion).\n\n")
+        rows = [[k, fe[k]["tp"], fe[k]["fp"], fe[k]["fn"], _f(fe[k]["f1"]), _f(fe[k]["tpr"]),
+                 _f(fe[k]["fdr"])] for k in ("before", "after")]
+        out.append(_md_table(["segmentation", "TP", "FP", "FN", "lesion F1", "TPR", "FDR"],
+                             rows))
+        if fe["skipped_subjects"]:
+            out.append(f"\nSkipped (training fold with one class): "
+                       f"{', '.join(fe['skipped_subjects'])}\n")
+    if res.get("failures"):
+        out.append(f"\n## Failed subjects\n\n" + "".join(
+            f"- {k}: {v.get('message', v)}\n" for k, v in res["failures"].items()))
+    return "".join(out)
+
+
+def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float = 0.25,
+            method: str = "smoothgrad", include_log_volume: bool = False,
+            threshold_rule: str = "f1", figures: bool = True, log=print) -> dict:
+    """Run every cohort statistic on a cohort folder and write the results.
+
+    Writes (all atomically) ``out/cohort_instances.csv`` (pooled lesion table with the
+    out-of-fold FP probability when available), ``out/cohort_profiles.csv``,
+    ``out/stats.json`` (all numbers; NaN as null), ``out/stats.md`` (readable tables), and
+    with ``figures``: ``out/figures/peak_by_status.png``, ``profile_by_status.png``,
+    ``flair_share.png``, ``roc_error_flagging.png`` and ``out/cohort_report.html``.
+
+    Parameters
+    ----------
+    out : path
+        Cohort folder with ``subjects/<subject>/instances.csv``.
+    n_boot : int
+        Subject-bootstrap resamples of every CI.
+    seed : int
+        Seed of the bootstraps and of the classifier.
+    p0 : float
+        Null proportion of :func:`sign_pattern`.
+    method : str
+        Saliency method of the FLAIR/MPRAGE and rim analyses.
+    include_log_volume : bool
+        Add ln(volume) to the FP classifier's features.
+    threshold_rule : {"f1", "youden"}
+        See :func:`choose_threshold`.
+    figures : bool
+        Write the PNG figures and the HTML report.
+
+    Returns
+    -------
+    dict
+        The content of ``stats.json`` (plus DataFrames under ``profile`` and
+        ``flag_errors["predictions"]``).
+
+    Raises
+    ------
+    InputError
+        No subject with ``instances.csv`` under ``out/subjects``.
+    """
+    from .io import atomic_write_text
+
+    out = Path(out)
+    if n_boot < 0:
+        raise InputError(f"--n-boot must be >= 0, got {n_boot}")
+    instances, profiles = pool_instances(out)
+    subjects = instances.attrs.get("subjects", sorted(set(instances["subject"])))
+    status = _status(instances)
+    counts = {s: int((status == s).sum()) for s in (*STATUSES, "unknown")}
+    res = {
+        "n_subjects": len(subjects), "subjects": subjects, "n_lesions": int(len(instances)),
+        "counts": counts, "n_boot": n_boot, "seed": seed, "method": method,
+        "peak_by_status": peak_by_status(instances, n_boot=n_boot, seed=seed),
+        "flair_vs_mprage": flair_vs_mprage(instances, method, n_boot, seed),
+        "sign_pattern": sign_pattern(instances, method, "flair", p0=p0),
+        "flag_errors": flag_errors(instances, include_log_volume=include_log_volume,
+                                   threshold_rule=threshold_rule, n_boot=n_boot, seed=seed),
+    }
+    channels = [c for c in ("flair", "mprage")
+                if len(profiles) and ((profiles["method"] == method)
+                                      & (profiles["channel"] == c)).any()]
+    prof = {c: profile_by_status(profiles, method, c) for c in channels}
+    res["profile"] = {c: p.to_dict(orient="list") for c, p in prof.items()}
+    fail_file = out / "failures.json"
+    if fail_file.is_file():
+        try:
+            res["failures"] = json.loads(fail_file.read_text())
+        except (OSError, ValueError):
+            res["failures"] = {"failures.json": {"message": "unreadable"}}
+    table = instances.copy()
+    fe = res["flag_errors"]
+    if fe["status"] == "ok":
+        p = fe["predictions"][["subject", "label", "prob_fp", "flagged"]]
+        table = table.merge(p, on=["subject", "label"], how="left")
+    atomic_write_text(out / "cohort_instances.csv", table.to_csv(index=False))
+    atomic_write_text(out / "cohort_profiles.csv", profiles.to_csv(index=False))
+    atomic_write_text(out / "stats.json", json.dumps(_clean(res), indent=2) + "\n")
+    md = _markdown(res)
+    atomic_write_text(out / "stats.md", md)
+    if figures:
+        _cohort_figures(out, instances, prof, res)
+    fa = fe.get("auc", {}).get("auc") if fe["status"] == "ok" else None
+    log(f"cohort statistics of {len(subjects)} subject(s), {len(instances)} lesion(s) "
+        f"written to {out / 'stats.md'}"
+        + (f"; out-of-fold FP-flagging AUC {_f(fa)}" if fa is not None else ""))
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# cohort figures (display only; drawn with the report package's atomic, pyplot-free helpers)
+
+
+def _cohort_figures(out: Path, instances: pd.DataFrame, prof: dict, res: dict) -> None:
+    from .report import write_report
+    from .report.figures import STATUS_COLOURS, _message_figure, _new_figure, _save
+
+    figdir = out / "figures"
+    status = _status(instances)
+    figs = []
+
+    # 1. peak features by status
+    feats = [f["feature"] for f in res["peak_by_status"]["features"]
+             if not f["feature"].endswith("cam_peak_min")]
+    p1 = figdir / "peak_by_status.png"
+    present = [s for s in STATUSES if (status == s).any()]
+    if feats and present:
+        nc = min(3, len(feats))
+        nr = math.ceil(len(feats) / nc)
+        fig = _new_figure((3.3 * nc + 0.4, 2.9 * nr + 0.3))
+        axes = fig.subplots(nr, nc, squeeze=False).ravel()
+        fig.subplots_adjust(left=0.08, right=0.98, bottom=0.08, top=0.9, wspace=0.35,
+                            hspace=0.45)
+        rng = np.random.default_rng(0)
+        by = {f["feature"]: f for f in res["peak_by_status"]["features"]}
+        for ax, feat in zip(axes, feats):
+            x = _num(instances, feat)
+            data = [x[np.isfinite(x) & (status == s)] for s in present]
+            keep = [i for i, d in enumerate(data) if d.size]
+            if keep:
+                ax.boxplot([data[i] for i in keep], positions=keep, widths=0.5,
+                           showfliers=False)
+            for i, (s, d) in enumerate(zip(present, data)):
+                ax.scatter(i + rng.uniform(-0.15, 0.15, d.size), d, s=8, alpha=0.6,
+                           color=STATUS_COLOURS.get(s, "#444"), edgecolors="none")
+            ax.set_xticks(range(len(present)))
+            ax.set_xticklabels(present, fontsize=8)
+            ax.axhline(0, color="0.6", lw=0.7)
+            ax.tick_params(labelsize=7)
+            kp = by[feat]["kruskal_p"]
+            ax.set_title(f"{feat}\nKruskal-Wallis p = {_f(kp)}", fontsize=8)
+        for ax in axes[len(feats):]:
+            ax.set_axis_off()
+        fig.suptitle("peak saliency by lesion status", fontsize=10)
+        _save(fig, p1)
+    else:
+        _message_figure(p1, "no lesions with TP/FP/FN status", "peak saliency by status")
+    figs.append(("Peak saliency by lesion status (box: quartiles; dots: lesions)", p1,
+                 "Cohort"))
+
+    # 2. distance profile with CI band per status
+    p2 = figdir / "profile_by_status.png"
+    if prof and any(len(p) for p in prof.values()):
+        fig = _new_figure((4.4 * len(prof) + 0.3, 3.4))
+        axes = fig.subplots(1, len(prof), squeeze=False)[0]
+        fig.subplots_adjust(left=0.1, right=0.98, bottom=0.16, top=0.85, wspace=0.3)
+        for ax, (ch, p) in zip(axes, prof.items()):
+            groups = [s for s in STATUSES if (p["status"] == s).any()] or ["all"]
+            for s in groups:
+                g = p[p["status"] == s].sort_values("distance_mm")
+                col = STATUS_COLOURS.get(s, "#444444")
+                ax.plot(g["distance_mm"], g["mean"], color=col, lw=2,
+                        label=f"{s} (n ≤ {int(g['n'].max())})")
+                ax.fill_between(g["distance_mm"], g["ci_low"], g["ci_high"], color=col,
+                                alpha=0.2, lw=0)
+            ax.axvline(0, color="k", ls="--", lw=0.9)
+            ax.axhline(0, color="0.5", lw=0.8)
+            ax.set_title(f"{res['method']} {ch.upper()}", fontsize=10)
+            ax.set_xlabel("signed distance from lesion border (mm; < 0 inside)", fontsize=8)
+            ax.set_ylabel("mean saliency in bin", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=7, frameon=False)
+        fig.suptitle("saliency profile by status (band: 95% t-interval over lesions)",
+                     fontsize=9)
+        _save(fig, p2)
+    else:
+        _message_figure(p2, "no profiles", "distance profile")
+    figs.append(("Mean saliency against signed distance from the border, by status", p2,
+                 "Cohort"))
+
+    # 3. FLAIR share histogram
+    p3 = figdir / "flair_share.png"
+    col = f"{res['method']}_flair_share"
+    if col in instances and np.isfinite(_num(instances, col)).any():
+        s = _num(instances, col)
+        groups = [g for g in (*STATUSES, "unknown") if (np.isfinite(s) & (status == g)).any()]
+        fig = _new_figure((4.6, 3.3))
+        ax = fig.add_subplot(1, 1, 1)
+        fig.subplots_adjust(left=0.13, right=0.97, bottom=0.15, top=0.88)
+        ax.hist([np.clip(s[np.isfinite(s) & (status == g)], 0, 1) for g in groups],
+                bins=np.linspace(0, 1, 21), stacked=True, label=groups,
+                color=[STATUS_COLOURS.get(g, "#444") for g in groups])
+        sh = res["flair_vs_mprage"].get("share", {})
+        ax.axvline(0.5, color="k", ls="--", lw=0.9)
+        if sh and sh.get("median") is not None and math.isfinite(sh["median"]):
+            ax.axvline(sh["median"], color="C3", lw=1.5, label=f"median {_f(sh['median'])}")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("FLAIR share of |saliency| (lesion + 2 mm)", fontsize=8)
+        ax.set_ylabel("lesions", fontsize=8)
+        ax.legend(fontsize=7, frameon=False)
+        ax.set_title(f"{res['method']}: FLAIR share", fontsize=10)
+        _save(fig, p3)
+    else:
+        _message_figure(p3, "no FLAIR share values", "FLAIR share")
+    figs.append(("FLAIR share of the saliency magnitude per lesion", p3, "Cohort"))
+
+    # 4. ROC curves, out of fold
+    p4 = figdir / "roc_error_flagging.png"
+    fe = res["flag_errors"]
+    if fe["status"] == "ok":
+        from sklearn.metrics import roc_curve
+
+        pr = fe["predictions"]
+        ok = np.isfinite(pr["prob_fp"].to_numpy(dtype=float))
+        yv = (pr["status"] == "FP").to_numpy()[ok]
+        fig = _new_figure((4.2, 4.0))
+        ax = fig.add_subplot(1, 1, 1)
+        fig.subplots_adjust(left=0.14, right=0.97, bottom=0.12, top=0.9)
+        fpr, tpr, _ = roc_curve(yv, pr["prob_fp"].to_numpy(dtype=float)[ok])
+        ax.plot(fpr, tpr, color="C3", lw=2,
+                label=f"logistic, out-of-fold (AUC {_f(fe['auc']['auc'])})")
+        sel = np.isin(status, ("TP", "FP"))
+        for k, f in enumerate(res["peak_by_status"]["features"][:4]):
+            x = _num(instances, f["feature"])[sel]
+            yy = status[sel] == "FP"
+            good = np.isfinite(x)
+            if yy[good].any() and (~yy[good]).any():
+                a, b, _ = roc_curve(yy[good], x[good])
+                ax.plot(a, b, lw=0.9, alpha=0.7, color=f"C{k}",
+                        label=f"{f['feature']} (AUC {_f(f['auc_fp_vs_tp']['auc'])})")
+        ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=0.8)
+        ax.set_xlabel("false-positive rate (TP lesions flagged)", fontsize=8)
+        ax.set_ylabel("true-positive rate (FP lesions flagged)", fontsize=8)
+        ax.legend(fontsize=6, frameon=False, loc="lower right")
+        ax.set_title("flagging FP lesions (single features: in-sample)", fontsize=9)
+        _save(fig, p4)
+    else:
+        _message_figure(p4, "not enough data", "flagging FP lesions")
+    figs.append(("ROC of flagging FP lesions: classifier out of fold over subjects; single "
+                 "features for reference", p4, "Cohort"))
+
+    keep = [c for c in ("subject", "label", "status", "volume_mm3", "prob_max",
+                        f"{res['method']}_flair_peak_max", f"{res['method']}_flair_peak_min",
+                        f"{res['method']}_flair_mean_in", f"{res['method']}_flair_share")
+            if c in instances]
+    table = instances[keep].copy()
+    if fe["status"] == "ok":
+        table = table.merge(fe["predictions"][["subject", "label", "prob_fp", "flagged"]],
+                            on=["subject", "label"], how="left")
+    summary = {"subjects": res["n_subjects"], "lesions": res["n_lesions"],
+               "counts": res["counts"]}
+    if fe["status"] == "ok":
+        summary["FP-flagging AUC (out of fold)"] = fe["auc"]["auc"]
+        summary["lesion F1 before / after flagging"] = [fe["before"]["f1"], fe["after"]["f1"]]
+    else:
+        summary["FP flagging"] = f"not enough data ({fe.get('reason')})"
+    sh = res["flair_vs_mprage"].get("share")
+    if sh:
+        summary["median FLAIR share [95% CI]"] = [sh["median"], sh["ci_low"], sh["ci_high"]]
+    sp = res["sign_pattern"]
+    if sp.get("available"):
+        summary["lesions + inside / − rim (FLAIR)"] = (
+            f"{sp['overall']['k']}/{sp['overall']['n']} (p = {_f(sp['overall']['p'])} vs "
+            f"p0 = {sp['p0']})")
+    notes = [line for line in _markdown(res).splitlines() if line and not line.startswith("|")
+             and not line.startswith("#")]
+    write_report(out / "cohort_report.html", "instance-saliency cohort report", summary, table,
+                 figs, notes=notes)
