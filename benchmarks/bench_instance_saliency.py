@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--subject", default="patient07", help="public subject (datasets.SUBJECTS)")
     p.add_argument("--data-dir", default=None,
-                   help="local mirror of the public scans (default: $INSTANCE_SALIENCY_DATA)")
+                   help="local mirror of the public scans (default: $INSTANCE_SALIENCY_DATA, "
+                        "else ../shared/data beside the checkout when it exists)")
     p.add_argument("--model", default=None,
                    help="checkpoint folder (default: the shipped model)")
     p.add_argument("--k", type=int, default=8, help="lesions explained (the K largest)")
@@ -149,6 +150,17 @@ def rel_diff(a, b, shape) -> float:
     den = float(np.abs(db).max())
     num = float(np.abs(da - db).max())
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def similarity(a, b, shape) -> tuple[float, float]:
+    """(Pearson correlation, relative L2 difference ||a − b|| / ||b||) of two sparse maps,
+    over the voxels where either is non-zero."""
+    da, db = dense(*a, shape), dense(*b, shape)
+    m = (da != 0) | (db != 0)
+    va, vb = da[m].astype(np.float64), db[m].astype(np.float64)
+    corr = float(np.corrcoef(va, vb)[0, 1]) if len(va) > 1 else float("nan")
+    nb = float(np.linalg.norm(vb))
+    return corr, (float(np.linalg.norm(va - vb)) / nb if nb > 0 else float("nan"))
 
 
 def nonzero_box(arr: np.ndarray) -> tuple:
@@ -369,7 +381,11 @@ def _prepare(a: argparse.Namespace, wd: Path) -> dict:
     # workers load this frozen copy: a checkpoint that is being retrained cannot change mid-run
     save_checkpoint(wd / "model", model.cpu(), cfg)
     model.to(a.device)
-    files = fetch_subject(a.subject, a.data_dir)
+    data_dir = a.data_dir or os.environ.get("INSTANCE_SALIENCY_DATA") or None
+    if data_dir is None:  # as the Makefile: the shared mirror beside the checkout, if present
+        beside = Path(__file__).resolve().parents[2] / "shared" / "data"
+        data_dir = str(beside) if (beside / "SHA256SUMS").is_file() else None
+    files = fetch_subject(a.subject, data_dir)
     subj = load_subject(files["flair"], files["mprage"], files["mask"])
     image = zscore_nonzero(subj.image)
     t0 = time.perf_counter()
@@ -433,8 +449,9 @@ def _run_worker(a: argparse.Namespace, wd: Path, method: str) -> dict | None:
         print(f"  {method} FAILED (exit status {rc})", flush=True)
         return None
     r = json.loads(out.read_text())
-    print(f"  {method}: {r.get('time_s', float('nan')):.1f} s timed "
-          f"({time.perf_counter() - t0:.0f} s with process start and loading)", flush=True)
+    timed = r["time_s"] if "time_s" in r else sum(row["time_s"] or 0 for row in r["curve"])
+    print(f"  {method}: {timed:.1f} s timed ({time.perf_counter() - t0:.0f} s with process "
+          "start and loading)", flush=True)
     return r
 
 
@@ -515,19 +532,26 @@ def _main(a: argparse.Namespace, wd: Path) -> int:
     d_exact = diffs("exact", "baseline")
     d_patch = diffs("patch", "baseline")
     d_amp = diffs("amp", "exact")
+    sim_patch = ([similarity(p, q, shape) for p, q in zip(maps["patch"], maps["baseline"])]
+                 if "patch" in maps and "baseline" in maps else None)
 
     print("\n=== per lesion ===")
     hdr = f"{'#':>2} {'label':>5} {'src':>4} {'status':>6} {'voxels':>6} {'win_exact':>9} " \
-          f"{'baseline_s':>10} {'rel_diff_exact':>14} {'rel_diff_patch':>14}"
+          f"{'baseline_s':>10} {'rel_diff_exact':>14} {'rel_diff_patch':>14} " \
+          f"{'corr_patch':>10} {'relL2_patch':>11}"
     print(hdr)
     for i, les in enumerate(lesions):
         nw = exact["n_windows"][i] if exact else None
         bt = base["per_lesion_s"][i] if base else None
         print(f"{i:>2} {les['label']:>5} {les['source']:>4} {les['status']:>6} "
               f"{les['voxels']:>6} {nw if nw is not None else '-':>9} "
-              f"{bt if bt is None else round(bt, 1):>10} "
+              f"{'-' if bt is None else f'{bt:.1f}':>10} "
               f"{'-' if d_exact is None else f'{d_exact[i]:.2e}':>14} "
-              f"{'-' if d_patch is None else f'{d_patch[i]:.2e}':>14}")
+              f"{'-' if d_patch is None else f'{d_patch[i]:.2e}':>14} "
+              f"{'-' if sim_patch is None else f'{sim_patch[i][0]:.3f}':>10} "
+              f"{'-' if sim_patch is None else f'{sim_patch[i][1]:.3f}':>11}")
+    print("(rel_diff = max|a-b|/max|b| vs the baseline map b; corr_patch, relL2_patch = Pearson "
+          "correlation and ||a-b||/||b|| of the patch map vs the baseline, over non-zero voxels)")
     if exact:
         nws = exact["n_windows"]
         print(f"windows per lesion (exact mode, InstanceSaliency.n_windows): {nws}, mean "
@@ -549,7 +573,7 @@ def _main(a: argparse.Namespace, wd: Path) -> int:
         r = res.get(m)
         if m not in res:
             continue
-        ratio = "" if m == "baseline" else f"{tb / t(r):.2f}x" if r else "-"
+        ratio = "" if m == "baseline" else f"{tb / t(r):.2f}x" if (r and base) else "-"
         cuda = f" {_gb(r.get('cuda_peak_bytes')):>12.3f}" if (r and a.device == "cuda") else ""
         print(f"{names[m]:<30} {t(r):>9.1f} {ratio:>13} "
               f"{_gb(r['rss_peak_bytes']) if r else float('nan'):>11.3f} "
@@ -561,7 +585,8 @@ def _main(a: argparse.Namespace, wd: Path) -> int:
               f"over lesions): {max(d_exact):.3e}")
     if d_patch is not None:
         print(f"max relative difference, ours patch vs baseline (patch mode's approximation): "
-              f"{max(d_patch):.3e} (median over lesions {np.median(d_patch):.3e})")
+              f"{max(d_patch):.3e} (median over lesions {np.median(d_patch):.3e}; mean "
+              f"correlation {np.mean([c for c, _ in sim_patch]):.3f})")
     if d_amp is not None:
         print(f"max relative error, autocast {a.amp} vs fp32 exact: {max(d_amp):.3e}")
 

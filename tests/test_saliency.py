@@ -795,3 +795,37 @@ def test_gradcampp_nnunet_inplace_activations(nnunet_setup, layer):
     assert_rel(dense(res, "raw")[0], cam_ref, 1e-5)
     # the module's in-place flags are left alone
     assert all(m.inplace for m in model.modules() if isinstance(m, nn.LeakyReLU))
+
+
+def test_patch_window_phase_matches_dominant_sliding_window():
+    """Patch windows keep the stride phase of the sliding window weighing most on the lesion."""
+    from instance_saliency.inference import WindowGrid
+    from instance_saliency.saliency.engine import WindowPlan, _dominant_window
+
+    shape, roi = (100, 90, 80), (32, 32, 32)
+    grid = WindowGrid.create(shape, roi, 0.25)
+    rng = np.random.default_rng(3)
+    masks = []
+    for _ in range(12):
+        m = np.zeros(shape, bool)
+        c = [int(rng.integers(2, s - 6)) for s in shape]
+        m[c[0]:c[0] + 4, c[1]:c[1] + 3, c[2]:c[2] + 5] = True
+        masks.append(m)
+    plan = WindowPlan.create(masks, shape, "patch", roi, grid=grid, patch_alignment=16)
+    for m, (w,) in zip(masks, plan.target_windows):
+        start, size = plan.windows[w]
+        dom = _dominant_window(grid, m)
+        for a in range(3):
+            got = (start[a] - plan.pad_before[a]) % 16
+            want = (int(grid.starts[dom][a]) - grid.pad_before[a]) % 16
+            assert got == want
+        img_sl, _ = plan.window_image_part(w)
+        assert m[img_sl].sum() == m.sum()  # the lesion lies inside its patch
+    # the dominant window carries the largest blend weight (brute force)
+    m = masks[0]
+    weights = []
+    for w in range(grid.n_windows):
+        full = torch.zeros(grid.padded_shape)
+        full[grid.window_slices(w)] = grid.importance / grid.norm[grid.window_slices(w)]
+        weights.append(float(grid.crop(full).numpy()[m].sum()))
+    assert _dominant_window(grid, m) == int(np.argmax(weights))

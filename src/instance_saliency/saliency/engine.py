@@ -90,8 +90,16 @@ class WindowPlan:
     @classmethod
     def create(cls, masks: Sequence[np.ndarray], image_shape: Sequence[int], mode: str = "sliding",
                roi_size: Sequence[int] = (96, 96, 96), overlap: float = 0.25,
-               grid: WindowGrid | None = None) -> "WindowPlan":
+               grid: WindowGrid | None = None, patch_alignment: int = 16) -> "WindowPlan":
         """Plan the windows for targets with the given masks (each ``(X, Y, Z)`` bool).
+
+        In patch mode each window is centred on its target's bounding box, with its start
+        shifted (by less than ``patch_alignment`` voxels) to the same remainder modulo
+        ``patch_alignment`` as the sliding window that carries most blending weight on the
+        target. Networks with stride-2 levels are not shift-invariant below their total
+        stride (16 for four levels): at another phase the input gradient differs markedly
+        (measured: correlation 0.2–0.5 with the exact map), at the same phase it stays close
+        (0.84–0.98). Set 1 to centre exactly.
 
         Raises
         ------
@@ -117,8 +125,10 @@ class WindowPlan:
             plan.windows = [((0, 0, 0), image_shape)]
             plan.target_windows = [[0] for _ in masks]
             return plan
-        # patch mode: one window per target, centred on its bounding box
-        boxes, sizes = [], []
+        # patch mode: one window per target, centred on its bounding box, at the phase
+        # (start modulo ``patch_alignment``) of the sliding window that weighs most on it
+        grid = grid or WindowGrid.create(image_shape, roi, overlap)
+        boxes, sizes, phases = [], [], []
         for m in masks:
             idx = np.argwhere(m)
             if len(idx) == 0:
@@ -128,15 +138,24 @@ class WindowPlan:
             size = tuple(int(r) if e <= r else int(np.ceil(e / 32) * 32) for e, r in zip(ext, roi))
             boxes.append((lo, hi))
             sizes.append(size)
+            dom = _dominant_window(grid, m)
+            phases.append(tuple(int(a) - b for a, b in zip(grid.starts[dom], grid.pad_before)))
         padded = tuple(max([s] + [sz[a] for sz in sizes]) for a, s in enumerate(image_shape))
         pad_before = tuple((p - s) // 2 for p, s in zip(padded, image_shape))
         plan = cls(mode, image_shape, padded, pad_before)
         index = {}
-        for (lo, hi), size in zip(boxes, sizes):
+        A = int(patch_alignment)
+        for (lo, hi), size, phase in zip(boxes, sizes, phases):
             centre = (lo + hi) / 2.0 + np.array(pad_before)
-            start = tuple(int(min(max(int(np.floor(c - s / 2.0)), 0), p - s))
-                          for c, s, p in zip(centre, size, padded))
-            key = (start, size)
+            start = []
+            for c, sz, p, ph, b in zip(centre, size, padded, phase, pad_before):
+                want = int(np.floor(c - sz / 2.0))
+                r = (ph + b) % A if A > 1 else 0
+                cands = [r + A * k for k in range(-(p // A) - 2, p // A + 2)] if A > 1 else [want]
+                ok = [v for v in cands if 0 <= v <= p - sz]
+                start.append(min(ok, key=lambda v: (abs(v - want), v)) if ok
+                             else int(min(max(want, 0), p - sz)))
+            key = (tuple(start), size)
             if key not in index:
                 index[key] = len(plan.windows)
                 plan.windows.append(key)
@@ -176,6 +195,21 @@ class WindowPlan:
 
     def n_windows_per_target(self) -> list[int]:
         return [len(ws) for ws in self.target_windows]
+
+
+def _dominant_window(grid: WindowGrid, mask: np.ndarray) -> int:
+    """The grid window with the largest total blend weight ``Σ imp/norm`` over ``mask``."""
+    best, best_w = -1.0, 0
+    for w in grid.windows_touching(mask):
+        sl = grid.window_slices(w)
+        img = tuple(slice(max(a.start - b, 0), min(a.stop - b, n))
+                    for a, b, n in zip(sl, grid.pad_before, grid.image_shape))
+        win = tuple(slice(i.start - (a.start - b), i.stop - (a.start - b))
+                    for i, a, b in zip(img, sl, grid.pad_before))
+        wt = (grid.importance / grid.norm[sl])[win].numpy()[mask[img]].sum()
+        if wt > best:
+            best, best_w = float(wt), w
+    return best_w
 
 
 def _batches(plan: WindowPlan, needed: Iterable[int], sw_batch_size: int,
