@@ -167,6 +167,9 @@ def test_quantify_plus_inside_minus_rim():
     assert row["smoothgrad_mprage_rim_out_5mm"] == 2.0
     # share within d <= 2 mm: every voxel there has |flair| = 1, |mprage| = 2
     assert row["smoothgrad_flair_share"] == pytest.approx(1 / 3)
+    n_share = int((d <= 2).sum())
+    assert row["smoothgrad_flair_sum_abs"] == n_share
+    assert row["smoothgrad_mprage_sum_abs"] == 2 * n_share
 
 
 def test_share_hand_computed_on_cube():
@@ -177,14 +180,38 @@ def test_share_hand_computed_on_cube():
     # margin 1 mm: lesion 27 + face shell 54 = 81 voxels
     row = quantify_instance(sal, m, (1, 1, 1), share_margin_mm=1.0)
     assert row["smoothgrad_flair_share"] == pytest.approx(27 / (27 + 81))
+    assert row["smoothgrad_flair_sum_abs"] == 27.0
+    assert row["smoothgrad_mprage_sum_abs"] == 81.0
     # margin 2 mm: 27 + 54 + 98 = 179 voxels
     row = quantify_instance(sal, m, (1, 1, 1), share_margin_mm=2.0)
     assert row["smoothgrad_flair_share"] == pytest.approx(27 / (27 + 179))
+    assert row["smoothgrad_mprage_sum_abs"] == 179.0
     # sign does not matter, all-zero is NaN
     row = quantify_instance(-sal, m, (1, 1, 1), share_margin_mm=1.0)
     assert row["smoothgrad_flair_share"] == pytest.approx(0.25)
+    assert row["smoothgrad_flair_sum_abs"] == 27.0
     row = quantify_instance(np.zeros_like(sal), m, (1, 1, 1))
     assert np.isnan(row["smoothgrad_flair_share"])
+    assert row["smoothgrad_flair_sum_abs"] == 0.0
+
+
+def test_sum_abs_hand_computed_signed_and_anisotropic():
+    m = _cube()  # lesion 9:12 along every axis
+    sal = np.zeros((2,) + m.shape)
+    sal[0, 10, 10, 10] = -3.0  # lesion centre
+    sal[0, 8, 10, 10] = 2.0  # face neighbour along x: d = 1 mm
+    sal[0, 10, 10, 8] = 0.5  # face neighbour along z: d = 1 mm, or 2 mm with 2 mm slices
+    sal[0, 6, 10, 10] = 100.0  # d = 3 mm: outside the 2 mm share region
+    sal[1, 11, 11, 11] = 4.0
+    sal[1, 10, 10, 7] = -1.0  # d = 2 mm (isotropic), 4 mm with 2 mm slices
+    iso = quantify_instance(sal, m, (1, 1, 1))  # share margin 2 mm
+    assert iso["smoothgrad_flair_sum_abs"] == 3.0 + 2.0 + 0.5
+    assert iso["smoothgrad_mprage_sum_abs"] == 4.0 + 1.0
+    assert iso["smoothgrad_flair_sum_in"] == -3.0  # signed, lesion only
+    assert iso["smoothgrad_flair_share"] == pytest.approx(5.5 / 10.5)
+    aniso = quantify_instance(sal, m, (1, 1, 2), share_margin_mm=1.0)
+    assert aniso["smoothgrad_flair_sum_abs"] == 3.0 + 2.0  # the z neighbour is 2 mm away
+    assert aniso["smoothgrad_mprage_sum_abs"] == 4.0
 
 
 def test_peak_margin():
@@ -225,6 +252,7 @@ def _brute_quantify(sal, m, spacing, share=2.0, peak=3.0, outside=(1, 2, 3, 4, 5
         row[f"{p}_peak_min"] = s[d <= peak].min()
         row[f"{p}_mean_in"] = s[m].mean()
         row[f"{p}_sum_in"] = s[m].sum()
+        row[f"{p}_sum_abs"] = np.abs(s[d <= share]).sum()
         for k in outside:
             sel = (d > max(k - 1, 0)) & (d <= k)
             row[f"{p}_rim_out_{k:g}mm"] = s[sel].mean() if sel.any() else np.nan
@@ -264,11 +292,12 @@ def test_crop_equals_brute_force(spacing):
 
 def test_columns_and_generic_channels():
     cols = quantify_columns()
-    assert cols[:4] == ["smoothgrad_flair_peak_max", "smoothgrad_flair_peak_min",
-                        "smoothgrad_flair_mean_in", "smoothgrad_flair_sum_in"]
+    assert cols[:5] == ["smoothgrad_flair_peak_max", "smoothgrad_flair_peak_min",
+                        "smoothgrad_flair_mean_in", "smoothgrad_flair_sum_in",
+                        "smoothgrad_flair_sum_abs"]
     assert "smoothgrad_flair_rim_out_1mm" in cols and "smoothgrad_mprage_rim_in_2mm" in cols
     assert cols[-1] == "smoothgrad_flair_share"
-    assert len(cols) == 2 * (4 + 5 + 2) + 1
+    assert len(cols) == 2 * (5 + 5 + 2) + 1
     m = _cube()
     sal = np.stack([m * 1.0, m * 2.0, m * 3.0])
     row = quantify_instance(sal, m, (1, 1, 1), channel_names=("A", "B", "C"),
@@ -276,6 +305,7 @@ def test_columns_and_generic_channels():
     assert list(row) == quantify_columns("x", ("A", "B", "C"), (1.5,), (1,))
     assert "x_c_rim_out_1.5mm" in row
     assert row["x_a_share"] == pytest.approx(1 / 6)
+    assert [row[f"x_{c}_sum_abs"] for c in "abc"] == [27.0, 54.0, 81.0]
 
 
 def test_quantify_errors():

@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import InputError, InstanceSaliencyError
+from .errors import InputError, InstanceSaliencyError, ModelError, OutputError
 
 
 def _subject_from_args(name: str | None, data_dir: str | None):
@@ -24,13 +25,48 @@ def _subject_from_args(name: str | None, data_dir: str | None):
     return load_subject(paths["flair"], paths["mprage"], paths["mask"])
 
 
-def _load_manifest_subjects(manifest: str):
-    import pandas as pd
+def _load_manifest_subjects(manifest: str, allow_outside_root: bool = False):
+    """Training subjects of a CSV manifest (``subject,flair,mprage,mask``), each with a mask.
 
+    Paths are resolved and checked against the data root by
+    :func:`instance_saliency.cohort.discover_cases`.
+    """
+    from .cohort import discover_cases
     from .io import load_subject
 
-    df = pd.read_csv(manifest)
-    return [load_subject(r.flair, r.mprage, r.mask) for r in df.itertuples()]
+    if not Path(manifest).is_file():
+        raise InputError(f"training manifest {manifest} not found (a CSV file with columns "
+                         f"subject,flair,mprage,mask)")
+    cases = discover_cases(manifest, allow_outside_root)
+    no_mask = [c.subject for c in cases if c.mask is None]
+    if no_mask:
+        more = " ..." if len(no_mask) > 5 else ""
+        raise InputError(f"manifest {manifest}: training needs a lesion mask for every subject; "
+                         f"none for {', '.join(no_mask[:5])}{more}")
+    return [load_subject(c.flair, c.mprage, c.mask) for c in cases]
+
+
+def _check_train_options(a) -> dict:
+    """Validate the numeric options and the architecture arguments of ``train``."""
+    from .models import build_model
+
+    for name in ("steps", "batch_size", "roi", "val_every"):
+        if getattr(a, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if not (a.lr > 0 and a.lr < float("inf")):
+        raise InputError("--lr must be a positive number")
+    arch_args = {}
+    if a.channels:
+        try:
+            arch_args["channels"] = [int(c) for c in a.channels.split(",")]
+        except ValueError:
+            raise InputError(f"--channels must be comma-separated integers, "
+                             f"got {a.channels!r}") from None
+        if any(c < 1 for c in arch_args["channels"]):
+            raise InputError(f"--channels must be positive, got {a.channels!r}")
+        arch_args["strides"] = [2] * (len(arch_args["channels"]) - 1)
+    build_model(a.architecture, **arch_args)  # ModelError for arguments it does not accept
+    return arch_args
 
 
 #: parameters of `instance-saliency demo` (chosen to finish in < 15 min on 2 CPU cores)
@@ -40,25 +76,54 @@ DEMO_DEFAULTS = {"n_samples": 2}
 def cmd_train(a) -> int:
     import torch
 
+    from .models import CONFIG_NAME, WEIGHTS_NAME
     from .training import train
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    arch_args = _check_train_options(a)
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a folder")
+    if ((out / CONFIG_NAME).exists() or (out / WEIGHTS_NAME).exists()) and not a.overwrite:
+        raise OutputError(f"output folder {out} already holds a trained model; use --overwrite "
+                          f"to replace")
     tr = [_subject_from_args(n, a.data_dir) for n in a.train_subjects]
     va = [_subject_from_args(n, a.data_dir) for n in a.val_subjects]
     if a.manifest:
-        tr += _load_manifest_subjects(a.manifest)
+        tr += _load_manifest_subjects(a.manifest, a.allow_outside_root)
     if not tr:
         raise InputError("no training subjects (use --train-subjects or --manifest)")
-    arch_args = {}
-    if a.channels:
-        arch_args["channels"] = [int(c) for c in a.channels.split(",")]
-        arch_args["strides"] = [2] * (len(arch_args["channels"]) - 1)
-    summary = train(tr, va, a.out, architecture=a.architecture, arguments=arch_args,
-                    roi_size=[a.roi] * 3, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                    val_every=a.val_every, seed=a.seed,
-                    command="instance-saliency " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
-                    data_description=f"train={a.train_subjects} val={a.val_subjects}")
+    for s in tr:
+        if any(n < a.roi for n in s.shape):
+            raise InputError(f"training scan {s.paths.get('flair')} has shape {s.shape}, smaller "
+                             f"than the patch (--roi {a.roi})")
+    created = not out.exists()
+    try:  # writable? (nothing is created before every input was checked)
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"cannot write into {out}: {e.strerror or e}") from None
+    if a.overwrite:  # nothing of the replaced model is mixed into the new one
+        for name in (CONFIG_NAME, WEIGHTS_NAME, "history.json", "train.log"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "last", ignore_errors=True)
+    data = f"train={a.train_subjects} val={a.val_subjects}"
+    if a.manifest:
+        data += f" manifest={a.manifest}"
+    try:
+        summary = train(tr, va, out, architecture=a.architecture, arguments=arch_args,
+                        roi_size=[a.roi] * 3, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                        val_every=a.val_every, seed=a.seed,
+                        command="instance-saliency "
+                        + " ".join(shlex.quote(x) for x in sys.argv[1:]),
+                        data_description=data)
+    except BaseException:
+        if created and not (out / CONFIG_NAME).exists():  # no checkpoint yet: leave nothing
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     print(f"best validation nDSC {summary['best_val_ndsc']} at step {summary['best_step']}; "
           f"checkpoint in {a.out}")
     return 0
@@ -116,16 +181,30 @@ def cmd_predict(a) -> int:
     model, cfg = load_checkpoint(a.model, a.device)
     from .explain import _check_model_channels
 
-    _check_model_channels(cfg, s.image.shape[0])
-    prob = predict_probability(model, zscore_nonzero(s.image), cfg.roi_size, cfg.overlap,
-                               cfg.lesion_class, a.sw_batch_size, a.device, not a.quiet)
-    thr = a.threshold if a.threshold is not None else cfg.threshold
+    _check_model_channels(cfg, s.image.shape[0], a.model)
+    if a.sw_batch_size < 1:
+        raise InputError("--sw-batch-size must be at least 1")
+    if a.threshold is not None and not (0 < a.threshold < 1):
+        raise InputError("--threshold must lie strictly between 0 and 1")
     out = Path(a.out)
     if out.name.endswith((".nii", ".nii.gz")):
         mask_path = out
         prob_path = out.with_name(out.name.replace(".nii", "_prob.nii", 1))
     else:
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"output {out} exists and is not a folder")
         mask_path, prob_path = out / "prediction_mask.nii.gz", out / "prediction_prob.nii.gz"
+    existing = [p for p in (mask_path, prob_path) if p.exists()]
+    if existing and not a.overwrite:
+        raise OutputError(f"{existing[0]} already exists; use --overwrite to replace")
+    try:
+        prob = predict_probability(model, zscore_nonzero(s.image), cfg.roi_size, cfg.overlap,
+                                   cfg.lesion_class, a.sw_batch_size, a.device, not a.quiet)
+    except (RuntimeError, IndexError) as e:
+        raise ModelError(f"the model ({a.model or 'shipped default'}) failed on this input: "
+                         f"{str(e).splitlines()[0]}") from None
+    thr = a.threshold if a.threshold is not None else cfg.threshold
+    # each file is written atomically; the mask (the result) last
     save_map(prob_path, prob, s.affine, s.header)
     save_map(mask_path, (prob >= thr).astype(np.uint8), s.affine, s.header, np.uint8)
     print(f"{int((prob >= thr).sum())} lesion voxels at threshold {thr}; written {mask_path}")
@@ -140,10 +219,16 @@ def cmd_evaluate(a) -> int:
     from .metrics import evaluate_pair
 
     if a.manifest:
-        df = pd.read_csv(a.manifest)
-        if not {"subject", "prediction", "mask"} <= set(df.columns):
-            raise InputError(f"{a.manifest}: needs columns subject,prediction,mask")
-        pairs = [(r.subject, r.prediction, r.mask) for r in df.itertuples()]
+        from .cohort import read_manifest, resolve_manifest_path
+
+        df = read_manifest(a.manifest, ("subject", "prediction", "mask"),
+                           "subject,prediction,mask")
+        pairs = []
+        for i, r in enumerate(df.to_dict(orient="records"), start=1):
+            where = f"manifest {Path(a.manifest).name} row {i} (subject {r['subject']!r})"
+            pairs.append((r["subject"], *(
+                resolve_manifest_path(a.manifest, r[c].strip(), a.allow_outside_root,
+                                      f"{where}: {c}") for c in ("prediction", "mask"))))
     else:
         if not (a.pred and a.mask):
             raise InputError("give --pred and --mask, or --manifest")
@@ -241,7 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="public registry subjects to train on (e.g. patient19 P18 P39)")
     t.add_argument("--val-subjects", nargs="*", default=[], metavar="NAME",
                    help="public registry subjects to validate on (best checkpoint by nDSC)")
-    t.add_argument("--manifest", help="CSV with columns subject,flair,mprage,mask to train on")
+    t.add_argument("--manifest", help="CSV with columns subject,flair,mprage,mask to train on "
+                   "(relative paths: from the manifest's folder, which they may not leave)")
+    t.add_argument("--allow-outside-root", action="store_true",
+                   help="allow manifest paths outside the manifest's folder")
     t.add_argument("--architecture", default="unet3d", choices=sorted(ARCHITECTURES))
     t.add_argument("--channels", help="unet3d widths, e.g. 16,32,64,128,256")
     t.add_argument("--roi", type=int, default=96, help="cubic patch side in voxels")
@@ -254,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="local mirror of the public scans "
                    "(default: $INSTANCE_SALIENCY_DATA)")
     t.add_argument("--out", required=True, help="checkpoint folder")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a trained model in --out")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("explain", help="explain every lesion of one scan (the main job)")
@@ -281,13 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threshold", type=float, default=None)
     pr.add_argument("--sw-batch-size", type=int, default=4)
     pr.add_argument("--device", default="cpu")
+    pr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
     ev = sub.add_parser("evaluate", help="Dice, nDSC, lesion F1/TPR/FDR of predictions as CSV")
     ev.add_argument("--pred", help="predicted binary mask")
     ev.add_argument("--mask", help="ground-truth mask")
-    ev.add_argument("--manifest", help="CSV with columns subject,prediction,mask")
+    ev.add_argument("--manifest", help="CSV with columns subject,prediction,mask (relative "
+                    "paths: from the manifest's folder, which they may not leave)")
+    ev.add_argument("--allow-outside-root", action="store_true",
+                    help="allow manifest paths outside the manifest's folder")
     ev.add_argument("--iou-threshold", type=float, default=0.25)
     ev.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=6)
     ev.add_argument("--out", help="CSV path (default: print)")

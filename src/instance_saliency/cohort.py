@@ -34,8 +34,8 @@ from pathlib import Path
 from .errors import InputError, InstanceSaliencyError, OutputError
 from .explain import RUN_FILE, ExplainConfig, explain
 
-__all__ = ["Case", "discover_cases", "parse_shard", "shard_cases", "run_cohort",
-           "SUBJECTS_DIR", "FAILURES_FILE"]
+__all__ = ["Case", "discover_cases", "read_manifest", "resolve_manifest_path", "parse_shard",
+           "shard_cases", "run_cohort", "SUBJECTS_DIR", "FAILURES_FILE"]
 
 SUBJECTS_DIR = "subjects"
 FAILURES_FILE = "failures.json"
@@ -99,21 +99,78 @@ def _nnunet_cases(root: Path) -> list:
     return cases
 
 
-def _manifest_cases(manifest: Path, allow_outside_root: bool) -> list:
+def read_manifest(manifest: str | os.PathLike, required: tuple, usage: str):
+    """Read a CSV manifest as text (column names stripped and lowercased).
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file, a missing column of ``required`` (``usage`` tells the
+        expected columns), or no rows.
+    """
     import pandas as pd
 
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise InputError(f"manifest {manifest} not found")
     try:
         df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise InputError(f"cannot read manifest {manifest}: {str(e).splitlines()[0]}") from None
     df.columns = [str(c).strip().lower() for c in df.columns]
-    missing = [c for c in ("subject", "flair", "mprage") if c not in df.columns]
+    missing = [c for c in required if c not in df.columns]
     if missing:
         raise InputError(f"manifest {manifest} lacks column(s) {', '.join(missing)} "
-                         f"(needs subject,flair,mprage[,mask])")
+                         f"(needs {usage})")
     if not len(df):
         raise InputError(f"manifest {manifest} lists no subjects")
+    return df
+
+
+def resolve_manifest_path(manifest: str | os.PathLike, value: str, allow_outside_root: bool,
+                          what: str) -> Path:
+    """Resolve one path of a manifest and check that it stays inside the data root.
+
+    Relative paths are relative to the manifest's folder, which is also the data root; the
+    check is made after resolving ``..`` and symbolic links.
+
+    Parameters
+    ----------
+    manifest : path
+        The manifest file.
+    value : str
+        The path as written in the manifest (``~`` is expanded).
+    allow_outside_root : bool
+        Accept paths outside the data root.
+    what : str
+        Where the path comes from, for messages (e.g. ``"manifest m.csv row 2 (subject 's2'):
+        mask"``).
+
+    Returns
+    -------
+    pathlib.Path
+        The absolute, resolved path of an existing file.
+
+    Raises
+    ------
+    InputError
+        The path lies outside the data root (without ``allow_outside_root``), or the file
+        does not exist.
+    """
+    manifest = Path(manifest)
     root = manifest.parent.resolve()
+    p = Path(value).expanduser()
+    p = (p if p.is_absolute() else manifest.parent / p).resolve()
+    if not allow_outside_root and not p.is_relative_to(root):
+        raise InputError(f"{what} path {value!r} lies outside the data root {root}; "
+                         f"use --allow-outside-root to allow it")
+    if not p.is_file():
+        raise InputError(f"{what} file {p} not found")
+    return p
+
+
+def _manifest_cases(manifest: Path, allow_outside_root: bool) -> list:
+    df = read_manifest(manifest, ("subject", "flair", "mprage"), "subject,flair,mprage[,mask]")
     cases = []
     for i, r in enumerate(df.to_dict(orient="records"), start=1):
         subject = r["subject"].strip()
@@ -128,14 +185,8 @@ def _manifest_cases(manifest: Path, allow_outside_root: bool) -> list:
                     paths[col] = None
                     continue
                 raise InputError(f"{where}: no {col.upper()} path")
-            p = Path(v).expanduser()
-            p = (p if p.is_absolute() else manifest.parent / p).resolve()
-            if not allow_outside_root and not p.is_relative_to(root):
-                raise InputError(f"{where}: {col} path {v!r} lies outside the data root {root}; "
-                                 f"use --allow-outside-root to allow it")
-            if not p.is_file():
-                raise InputError(f"{where}: {col} file {p} not found")
-            paths[col] = p
+            paths[col] = resolve_manifest_path(manifest, v, allow_outside_root,
+                                               f"{where}: {col}")
         cases.append(Case(subject, paths["flair"], paths["mprage"], paths["mask"]))
     _check_names(cases, f"manifest {manifest.name}")
     return cases
@@ -340,7 +391,10 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
     InputError
         Bad dataset (see :func:`discover_cases`), bad parameters, or a complete subject whose
         ``run.json`` records other explain parameters or another model (use the same options,
-        or ``overwrite``); from the analysis: no subject finished.
+        or ``overwrite``); every subject of this run failed (see ``failures.json``); from the
+        analysis: no subject finished.
+    ModelError
+        The model folder is missing or broken (checked once, before any subject).
     OutputError
         ``out`` is not a usable folder.
     KeyboardInterrupt
@@ -362,6 +416,12 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
         raise OutputError(f"output {out} exists and is not a folder")
     cases = discover_cases(data, allow_outside_root)
     mine = shard_cases(cases, shard)
+    # a missing or broken model is refused once, before any subject and any output
+    from .explain import _check_model_channels
+    from .io import CHANNELS
+    from .models import load_checkpoint
+
+    _check_model_channels(load_checkpoint(model_dir)[1], len(CHANNELS), model_dir)
     sub = out / SUBJECTS_DIR
     try:
         sub.mkdir(parents=True, exist_ok=True)
@@ -412,6 +472,11 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
     analysis = None
     if shard is None or shard[1] == 1:
         from .stats import analyze
+
+        if failed and not done and not skipped:
+            first, info = next(iter(failed.items()))
+            raise InputError(f"every subject failed ({len(failed)}; first {first}: "
+                             f"{info['message']}); details in {out / FAILURES_FILE}")
 
         analysis = analyze(out, n_boot=n_boot, seed=seed, figures=config.figures, log=log)
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -98,6 +99,14 @@ class ExplainConfig:
             raise InputError("--threshold must lie strictly between 0 and 1")
         if self.reduction not in ("sum", "mean"):
             raise InputError("--reduction must be 'sum' or 'mean'")
+        if self.batch_size < 1 or self.sw_batch_size < 1:
+            raise InputError("--batch-size and --sw-batch-size must be at least 1")
+        if self.max_instances < 0:
+            raise InputError("--max-instances must be >= 0")
+        if not (self.min_size >= 0 and np.isfinite(self.min_size)):
+            raise InputError("--min-size must be a finite number >= 0")
+        if not (0 < self.iou_threshold <= 1):
+            raise InputError("--iou-threshold must lie in (0, 1]")
 
 
 def _versions() -> dict:
@@ -113,8 +122,61 @@ def _versions() -> dict:
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (POSIX; elsewhere always True, so nothing is removed)."""
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":  # pragma: no cover - os.kill(pid, 0) terminates on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_staging(out: str | os.PathLike) -> list:
+    """Remove the leftovers of killed runs beside ``out``.
+
+    A run writes into ``.<name>.partial-<pid>`` and, while replacing an old run, moves it to
+    ``.<name>.old-<pid>`` (``<name>`` = ``out.name``, ``<pid>`` = the writing process). A
+    process killed with SIGKILL cannot remove them; they are removed here when process
+    ``<pid>`` no longer exists (folders of a live process, e.g. a concurrent run, are kept).
+
+    Returns
+    -------
+    list of str
+        Names removed.
+    """
+    out = Path(out)
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.(partial|old)-(\d+)$")
+    removed = []
+    try:
+        entries = list(out.parent.iterdir()) if out.parent.is_dir() else []
+    except OSError:
+        return removed
+    for p in entries:
+        m = pat.match(p.name)
+        if not m or _pid_alive(int(m[2])):
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError:
+            continue
+        removed.append(p.name)
+    return removed
+
+
 def prepare_output(out: Path, overwrite: bool) -> Path:
     """Check ``out`` and create a fresh staging folder beside it.
+
+    Leftover staging folders of killed runs beside ``out`` are removed first
+    (:func:`remove_stale_staging`).
 
     Raises
     ------
@@ -128,6 +190,7 @@ def prepare_output(out: Path, overwrite: bool) -> Path:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         what = "a finished run" if (out / RUN_FILE).exists() else "files"
         raise OutputError(f"output folder {out} already holds {what}; use --overwrite to replace")
+    remove_stale_staging(out)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -154,10 +217,28 @@ def commit_output(stage: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_model_channels(cfg, n_channels: int) -> None:
+def _check_model_channels(cfg, n_channels: int, model_dir=None) -> None:
     if len(cfg.channels) != n_channels:
-        raise ModelError(f"model expects {len(cfg.channels)} input channels {cfg.channels}, "
-                         f"but {n_channels} were given (FLAIR, MPRAGE)")
+        where = f" {model_dir}" if model_dir is not None else ""
+        raise ModelError(f"model{where} expects {len(cfg.channels)} input channel(s) "
+                         f"{cfg.channels}, but {n_channels} were given (FLAIR, MPRAGE)")
+
+
+def table_columns(methods: Sequence[str] = METHODS) -> list:
+    """Columns of ``instances.csv`` for ``methods``, in order (also the header of a run
+    without any lesion instance)."""
+    from .instances import Instance
+    from .io import CHANNELS
+    from .quantify import quantify_columns
+
+    zero = (0, 0, 0)
+    cols = list(Instance(0, "unknown", "pred", 0, 0, 0.0, zero, zero, zero, zero).to_dict())
+    cols += ["prob_mean", "prob_max"]
+    for m in METHODS:
+        if m in methods:
+            chans = CHANNELS if m == "smoothgrad" else ("CAM",)
+            cols += quantify_columns(m, chans) + [f"{m}_n_windows"]
+    return cols
 
 
 def explain(flair: str | os.PathLike, mprage: str | os.PathLike, out: str | os.PathLike,
@@ -209,7 +290,7 @@ def explain(flair: str | os.PathLike, mprage: str | os.PathLike, out: str | os.P
     t_all = time.time()
     subj = load_subject(flair, mprage, mask)
     model, mcfg = load_checkpoint(model_dir, cfg.device)
-    _check_model_channels(mcfg, subj.image.shape[0])
+    _check_model_channels(mcfg, subj.image.shape[0], model_dir)
     threshold = cfg.threshold if cfg.threshold is not None else mcfg.threshold
     cam_layer = cfg.cam_layer or DEFAULT_CAM_LAYER.get(mcfg.architecture)
     if "gradcampp" in cfg.methods and cam_layer is None:
@@ -224,7 +305,8 @@ def explain(flair: str | os.PathLike, mprage: str | os.PathLike, out: str | os.P
             with torch.no_grad():
                 logits = sliding_window_logits(model, xt[None], grid, cfg.sw_batch_size, progress)
         except RuntimeError as e:
-            raise ModelError(f"the model failed on this input: {str(e).splitlines()[0]}") from None
+            raise ModelError(f"the model ({model_dir or 'shipped default'}) failed on this "
+                             f"input: {str(e).splitlines()[0]}") from None
         if logits.shape[1] <= mcfg.lesion_class:
             raise ModelError(f"model returns {logits.shape[1]} output channels; lesion class "
                              f"{mcfg.lesion_class} does not exist")
@@ -301,7 +383,8 @@ def explain(flair: str | os.PathLike, mprage: str | os.PathLike, out: str | os.P
                                          "voxels": int(n)})
                 if cfg.figures:
                     dense_cache[(method, inst.label)] = dense
-        table = pd.DataFrame(rows)
+        # without any lesion instance: the header alone, with the standard columns
+        table = pd.DataFrame(rows) if rows else pd.DataFrame(columns=table_columns(cfg.methods))
         prof = pd.DataFrame(profiles, columns=["label", "status", "method", "channel",
                                                "distance_mm", "mean", "voxels"])
         atomic_write_text(stage / "instances.csv", table.to_csv(index=False))

@@ -220,7 +220,10 @@ def load_checkpoint(folder: str | os.PathLike | None = None, device: str | torch
         raise ModelError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno})") from None
     except TypeError as e:
         raise ModelError(f"{cfg_path}: {e}") from None
-    model = build_model(cfg.architecture, **cfg.arguments)
+    try:
+        model = build_model(cfg.architecture, **cfg.arguments)
+    except ModelError as e:  # name the file that holds the arguments
+        raise ModelError(f"{cfg_path}: {e}") from None
     try:
         state = load_file(str(w_path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -318,7 +318,7 @@ def quantify_columns(method: str = "smoothgrad", channel_names=("FLAIR", "MPRAGE
     -------
     list of str
         For each channel ``ch`` (lowercased): ``{method}_{ch}_peak_max``, ``_peak_min``,
-        ``_mean_in``, ``_sum_in``, ``_rim_out_{k}mm`` for ``k`` in ``outside_mm``,
+        ``_mean_in``, ``_sum_in``, ``_sum_abs``, ``_rim_out_{k}mm`` for ``k`` in ``outside_mm``,
         ``_rim_in_{k}mm`` for ``k`` in ``inside_mm`` (``k`` formatted with ``%g``); then
         ``{method}_{ch0}_share``.
     """
@@ -328,7 +328,8 @@ def quantify_columns(method: str = "smoothgrad", channel_names=("FLAIR", "MPRAGE
     cols = []
     for ch in chs:
         p = f"{method}_{ch}"
-        cols += [f"{p}_peak_max", f"{p}_peak_min", f"{p}_mean_in", f"{p}_sum_in"]
+        cols += [f"{p}_peak_max", f"{p}_peak_min", f"{p}_mean_in", f"{p}_sum_in",
+                 f"{p}_sum_abs"]
         cols += [f"{p}_rim_out_{k:g}mm" for k in outside_mm]
         cols += [f"{p}_rim_in_{k:g}mm" for k in inside_mm]
     cols.append(f"{method}_{chs[0]}_share")
@@ -371,6 +372,8 @@ def quantify_instance(saliency, mask, spacing, channel_names=("FLAIR", "MPRAGE")
         * ``{method}_{ch}_peak_max`` / ``_peak_min``: max / min saliency with
           ``d <= peak_margin_mm``;
         * ``_mean_in`` / ``_sum_in``: mean / sum over the lesion voxels;
+        * ``_sum_abs``: sum of ``|S|`` over ``d <= share_margin_mm`` (the region of the
+          share below; the magnitude compared between modalities);
         * ``_rim_out_{k}mm``: mean over outside shell ``max(k-1,0) < d <= k``;
         * ``_rim_in_{k}mm``: mean over inside shell ``-k <= d < -max(k-1,0)``;
 
@@ -435,6 +438,7 @@ def quantify_instance(saliency, mask, spacing, channel_names=("FLAIR", "MPRAGE")
         for k, i in zip(inside_mm, ins):
             row[f"{p}_rim_in_{k:g}mm"] = _mean(sc, i)
         abs_sums.append(float(np.abs(sc[share_region]).sum()))
+        row[f"{p}_sum_abs"] = abs_sums[-1]
     total = sum(abs_sums)
     row[f"{method}_{chs[0]}_share"] = abs_sums[0] / total if total > 0 else float("nan")
     cols = quantify_columns(method, chs, outside_mm, inside_mm)

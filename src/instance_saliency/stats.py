@@ -5,8 +5,8 @@ Input: the pooled per-lesion tables written by :func:`instance_saliency.explain.
 subjects (``instances.csv``, ``profiles.csv``; see the README, "Outputs"), one row per lesion
 with a ``subject`` column. Every function here is a pure function of those tables (no NIfTI).
 :func:`analyze` runs them all on a cohort folder written by
-:func:`instance_saliency.cohort.run_cohort` and writes ``stats.json``, ``stats.md``, figures and
-``cohort_report.html``.
+:func:`instance_saliency.cohort.run_cohort` and writes ``stats.json``, ``stats.md``, figures (drawn
+by :mod:`instance_saliency.report.cohort_figures`) and ``cohort_report.html``.
 
 The questions follow the cohort findings of Spagnolo et al. [1]_: saliency is positive inside
 lesions and negative in the rim around them, FLAIR dominates over MPRAGE, and the peak saliency
@@ -50,6 +50,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -57,7 +58,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
+from .errors import InputError, OutputError
 
 __all__ = [
     "STATUSES",
@@ -382,9 +383,10 @@ def flair_vs_mprage(instances: pd.DataFrame, method: str = "smoothgrad", n_boot:
                     seed: int = 0, level: float = 0.95) -> dict:
     """Per-lesion comparison of the saliency magnitude of FLAIR and MPRAGE.
 
-    * Paired magnitude: ``{method}_{ch}_sum_abs`` (sum of ``|S|`` in the lesion) when the table
-      has it for both channels, else ``|{method}_{ch}_mean_in|`` (absolute signed lesion mean;
-      the lesion size is the same for both channels, so this compares per-voxel magnitudes).
+    * Paired magnitude: ``{method}_{ch}_sum_abs`` (sum of ``|S|`` over the lesion dilated by
+      2 mm, the region of the share) when the table has it for both channels, else
+      ``|{method}_{ch}_mean_in|`` (absolute signed lesion mean; the lesion size is the same for
+      both channels, so this compares per-voxel magnitudes).
       Wilcoxon signed-rank test, two-sided, on the paired values [8]_
       (:func:`scipy.stats.wilcoxon`, zero differences dropped, its default).
     * FLAIR share ``{method}_flair_share`` = Σ|S_FLAIR| / (Σ|S_FLAIR| + Σ|S_MPRAGE|) over the
@@ -1048,6 +1050,8 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     ------
     InputError
         No subject with ``instances.csv`` under ``out/subjects``.
+    OutputError
+        ``out`` (or ``out/figures``) cannot be written; checked before any file is replaced.
     """
     from .io import atomic_write_text
 
@@ -1055,6 +1059,14 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     if n_boot < 0:
         raise InputError(f"--n-boot must be >= 0, got {n_boot}")
     instances, profiles = pool_instances(out)
+    for d in (out, out / "figures") if figures else (out,):  # before any file is replaced
+        try:
+            d.mkdir(exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=d)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise OutputError(f"cannot write into {d}: {e.strerror or e}") from None
     subjects = instances.attrs.get("subjects", sorted(set(instances["subject"])))
     status = _status(instances)
     counts = {s: int((status == s).sum()) for s in (*STATUSES, "unknown")}
@@ -1089,7 +1101,7 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     md = _markdown(res)
     atomic_write_text(out / "stats.md", md)
     if figures:
-        _cohort_figures(out, instances, prof, res)
+        _cohort_report(out, instances, prof, res)
     fa = fe.get("auc", {}).get("auc") if fe["status"] == "ok" else None
     log(f"cohort statistics of {len(subjects)} subject(s), {len(instances)} lesion(s) "
         f"written to {out / 'stats.md'}"
@@ -1098,147 +1110,16 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
 
 
 # --------------------------------------------------------------------------------------------
-# cohort figures (display only; drawn with the report package's atomic, pyplot-free helpers)
+# cohort report: the figures are drawn by instance_saliency.report.cohort_figures
 
 
-def _cohort_figures(out: Path, instances: pd.DataFrame, prof: dict, res: dict) -> None:
+def _cohort_report(out: Path, instances: pd.DataFrame, prof: dict, res: dict) -> None:
+    """Figures (drawn by the report package) and ``cohort_report.html`` of the statistics."""
     from .report import write_report
-    from .report.figures import STATUS_COLOURS, _message_figure, _new_figure, _save
+    from .report.cohort_figures import cohort_figures
 
-    figdir = out / "figures"
-    status = _status(instances)
-    figs = []
-
-    # 1. peak features by status
-    feats = [f["feature"] for f in res["peak_by_status"]["features"]
-             if not f["feature"].endswith("cam_peak_min")]
-    p1 = figdir / "peak_by_status.png"
-    present = [s for s in STATUSES if (status == s).any()]
-    if feats and present:
-        nc = min(3, len(feats))
-        nr = math.ceil(len(feats) / nc)
-        fig = _new_figure((3.3 * nc + 0.4, 2.9 * nr + 0.3))
-        axes = fig.subplots(nr, nc, squeeze=False).ravel()
-        fig.subplots_adjust(left=0.08, right=0.98, bottom=0.08, top=0.9, wspace=0.35,
-                            hspace=0.45)
-        rng = np.random.default_rng(0)
-        by = {f["feature"]: f for f in res["peak_by_status"]["features"]}
-        for ax, feat in zip(axes, feats):
-            x = _num(instances, feat)
-            data = [x[np.isfinite(x) & (status == s)] for s in present]
-            keep = [i for i, d in enumerate(data) if d.size]
-            if keep:
-                ax.boxplot([data[i] for i in keep], positions=keep, widths=0.5,
-                           showfliers=False)
-            for i, (s, d) in enumerate(zip(present, data)):
-                ax.scatter(i + rng.uniform(-0.15, 0.15, d.size), d, s=8, alpha=0.6,
-                           color=STATUS_COLOURS.get(s, "#444"), edgecolors="none")
-            ax.set_xticks(range(len(present)))
-            ax.set_xticklabels(present, fontsize=8)
-            ax.axhline(0, color="0.6", lw=0.7)
-            ax.tick_params(labelsize=7)
-            kp = by[feat]["kruskal_p"]
-            ax.set_title(f"{feat}\nKruskal-Wallis p = {_f(kp)}", fontsize=8)
-        for ax in axes[len(feats):]:
-            ax.set_axis_off()
-        fig.suptitle("peak saliency by lesion status", fontsize=10)
-        _save(fig, p1)
-    else:
-        _message_figure(p1, "no lesions with TP/FP/FN status", "peak saliency by status")
-    figs.append(("Peak saliency by lesion status (box: quartiles; dots: lesions)", p1,
-                 "Cohort"))
-
-    # 2. distance profile with CI band per status
-    p2 = figdir / "profile_by_status.png"
-    if prof and any(len(p) for p in prof.values()):
-        fig = _new_figure((4.4 * len(prof) + 0.3, 3.4))
-        axes = fig.subplots(1, len(prof), squeeze=False)[0]
-        fig.subplots_adjust(left=0.1, right=0.98, bottom=0.16, top=0.85, wspace=0.3)
-        for ax, (ch, p) in zip(axes, prof.items()):
-            groups = [s for s in STATUSES if (p["status"] == s).any()] or ["all"]
-            for s in groups:
-                g = p[p["status"] == s].sort_values("distance_mm")
-                col = STATUS_COLOURS.get(s, "#444444")
-                ax.plot(g["distance_mm"], g["mean"], color=col, lw=2,
-                        label=f"{s} (n ≤ {int(g['n'].max())})")
-                ax.fill_between(g["distance_mm"], g["ci_low"], g["ci_high"], color=col,
-                                alpha=0.2, lw=0)
-            ax.axvline(0, color="k", ls="--", lw=0.9)
-            ax.axhline(0, color="0.5", lw=0.8)
-            ax.set_title(f"{res['method']} {ch.upper()}", fontsize=10)
-            ax.set_xlabel("signed distance from lesion border (mm; < 0 inside)", fontsize=8)
-            ax.set_ylabel("mean saliency in bin", fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.legend(fontsize=7, frameon=False)
-        fig.suptitle("saliency profile by status (band: 95% t-interval over lesions)",
-                     fontsize=9)
-        _save(fig, p2)
-    else:
-        _message_figure(p2, "no profiles", "distance profile")
-    figs.append(("Mean saliency against signed distance from the border, by status", p2,
-                 "Cohort"))
-
-    # 3. FLAIR share histogram
-    p3 = figdir / "flair_share.png"
-    col = f"{res['method']}_flair_share"
-    if col in instances and np.isfinite(_num(instances, col)).any():
-        s = _num(instances, col)
-        groups = [g for g in (*STATUSES, "unknown") if (np.isfinite(s) & (status == g)).any()]
-        fig = _new_figure((4.6, 3.3))
-        ax = fig.add_subplot(1, 1, 1)
-        fig.subplots_adjust(left=0.13, right=0.97, bottom=0.15, top=0.88)
-        ax.hist([np.clip(s[np.isfinite(s) & (status == g)], 0, 1) for g in groups],
-                bins=np.linspace(0, 1, 21), stacked=True, label=groups,
-                color=[STATUS_COLOURS.get(g, "#444") for g in groups])
-        sh = res["flair_vs_mprage"].get("share", {})
-        ax.axvline(0.5, color="k", ls="--", lw=0.9)
-        if sh and sh.get("median") is not None and math.isfinite(sh["median"]):
-            ax.axvline(sh["median"], color="C3", lw=1.5, label=f"median {_f(sh['median'])}")
-        ax.set_xlim(0, 1)
-        ax.set_xlabel("FLAIR share of |saliency| (lesion + 2 mm)", fontsize=8)
-        ax.set_ylabel("lesions", fontsize=8)
-        ax.legend(fontsize=7, frameon=False)
-        ax.set_title(f"{res['method']}: FLAIR share", fontsize=10)
-        _save(fig, p3)
-    else:
-        _message_figure(p3, "no FLAIR share values", "FLAIR share")
-    figs.append(("FLAIR share of the saliency magnitude per lesion", p3, "Cohort"))
-
-    # 4. ROC curves, out of fold
-    p4 = figdir / "roc_error_flagging.png"
+    figs = cohort_figures(out / "figures", instances, prof, res)
     fe = res["flag_errors"]
-    if fe["status"] == "ok":
-        from sklearn.metrics import roc_curve
-
-        pr = fe["predictions"]
-        ok = np.isfinite(pr["prob_fp"].to_numpy(dtype=float))
-        yv = (pr["status"] == "FP").to_numpy()[ok]
-        fig = _new_figure((4.2, 4.0))
-        ax = fig.add_subplot(1, 1, 1)
-        fig.subplots_adjust(left=0.14, right=0.97, bottom=0.12, top=0.9)
-        fpr, tpr, _ = roc_curve(yv, pr["prob_fp"].to_numpy(dtype=float)[ok])
-        ax.plot(fpr, tpr, color="C3", lw=2,
-                label=f"logistic, out-of-fold (AUC {_f(fe['auc']['auc'])})")
-        sel = np.isin(status, ("TP", "FP"))
-        for k, f in enumerate(res["peak_by_status"]["features"][:4]):
-            x = _num(instances, f["feature"])[sel]
-            yy = status[sel] == "FP"
-            good = np.isfinite(x)
-            if yy[good].any() and (~yy[good]).any():
-                a, b, _ = roc_curve(yy[good], x[good])
-                ax.plot(a, b, lw=0.9, alpha=0.7, color=f"C{k}",
-                        label=f"{f['feature']} (AUC {_f(f['auc_fp_vs_tp']['auc'])})")
-        ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=0.8)
-        ax.set_xlabel("false-positive rate (TP lesions flagged)", fontsize=8)
-        ax.set_ylabel("true-positive rate (FP lesions flagged)", fontsize=8)
-        ax.legend(fontsize=6, frameon=False, loc="lower right")
-        ax.set_title("flagging FP lesions (single features: in-sample)", fontsize=9)
-        _save(fig, p4)
-    else:
-        _message_figure(p4, "not enough data", "flagging FP lesions")
-    figs.append(("ROC of flagging FP lesions: classifier out of fold over subjects; single "
-                 "features for reference", p4, "Cohort"))
-
     keep = [c for c in ("subject", "label", "status", "volume_mm3", "prob_max",
                         f"{res['method']}_flair_peak_max", f"{res['method']}_flair_peak_min",
                         f"{res['method']}_flair_mean_in", f"{res['method']}_flair_share")

@@ -499,7 +499,7 @@ def modality_share_figure(table, out_png, method: str = "smoothgrad",
 
     Left: per lesion, saliency magnitude of channel 0 (x) against channel 1 (y), coloured by
     status, with the diagonal ``y = x``. The magnitude is ``{method}_{ch}_sum_abs`` (sum of
-    ``|S|``) when the table has it for both channels, otherwise ``|{method}_{ch}_mean_in|``
+    ``|S|`` over the lesion dilated by the share margin) when the table has it for both channels, otherwise ``|{method}_{ch}_mean_in|``
     (absolute value of the signed lesion mean). Right: histogram of
     ``{method}_{ch0}_share`` (sum |S_ch0| / sum over channels, in [0, 1]; see
     :func:`instance_saliency.quantify.quantify_instance`), stacked by status, with a line at
@@ -547,7 +547,7 @@ def modality_share_figure(table, out_png, method: str = "smoothgrad",
     sum_cols = [f"{method}_{c}_sum_abs" for c in chs]
     if all(c in table.columns for c in sum_cols):
         quantity, cols = "sum_abs", sum_cols
-        qlabel = "sum |S| in lesion"
+        qlabel = "sum |S| (lesion + margin)"
     else:
         quantity, cols = "abs_mean_in", [f"{method}_{c}_mean_in" for c in chs]
         qlabel = "|mean S| in lesion"
