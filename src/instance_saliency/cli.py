@@ -70,7 +70,7 @@ def _check_train_options(a) -> dict:
 
 
 #: parameters of `instance-saliency demo` (chosen to finish in < 15 min on 2 CPU cores)
-DEMO_DEFAULTS = {"n_samples": 2}
+DEMO_DEFAULTS = {"n_samples": 4}
 
 
 def cmd_train(a) -> int:
