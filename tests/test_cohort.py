@@ -14,39 +14,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from instance_saliency import cli, cohort, explain as explain_mod, models
 from instance_saliency.errors import InputError
 from instance_saliency.explain import ExplainConfig, prepare_output
 from instance_saliency.models import ModelConfig, save_checkpoint
 
+# Lesion logit = 4 · mean FLAIR (3^3) − 6: bright FLAIR blobs become lesions.
+from _helpers import Detector as BlobDetector
+
 N = 24
 CFG = dict(methods=("smoothgrad",), n_samples=1, figures=False)
 FAST = ["--methods", "smoothgrad", "--n-samples", "1", "--no-figures", "--quiet",
         "--n-boot", "20"]
-
-
-class BlobDetector(torch.nn.Module):
-    """Lesion logit = 4 · mean FLAIR (3^3) − 6: bright FLAIR blobs become lesions."""
-
-    def __init__(self, in_channels=2, out_channels=2):
-        super().__init__()
-        self.features = torch.nn.Conv3d(in_channels, 2, 3, padding=1)
-        self.act = torch.nn.ReLU()
-        self.head = torch.nn.Conv3d(2, out_channels, 1)
-        with torch.no_grad():
-            self.features.weight.zero_()
-            self.features.bias.zero_()
-            self.features.weight[0, 0] = 1.0 / 27
-            self.features.bias[1] = 1.0
-            self.head.weight.zero_()
-            self.head.bias.zero_()
-            self.head.weight[1, 0] = 4.0
-            self.head.weight[1, 1] = -6.0
-
-    def forward(self, x):
-        return self.head(self.act(self.features(x)))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ offline behaviour and the pooch cache. No test touches the network."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -24,26 +23,12 @@ from instance_saliency.datasets import (
 )
 from instance_saliency.errors import DataError
 
+from _helpers import DATA, needs_data
+
 OPEN_MS_COMMIT = "65704901f60650824565aa5a4818611aa89716f4"
 MSLESSEG_COMMIT = "a3fea651c9b41685aee779ebf578f8a217176c4d"
 # the smallest file of the registry (a lesion mask, ~29 kB)
 SMALL = "mslesseg_demo/train/P18/T1/P18_T1_MASK.nii.gz"
-
-
-def _data_dir() -> Path | None:
-    """The local mirror: $INSTANCE_SALIENCY_DATA, else ../shared/data beside the checkout."""
-    env = os.environ.get(ENV_VAR)
-    for d in ([Path(env)] if env else []) + [
-            Path(__file__).resolve().parents[1].parent / "shared" / "data"]:
-        if (d / "SHA256SUMS").is_file():
-            return d
-    return None
-
-
-DATA = _data_dir()
-needs_data = pytest.mark.skipif(
-    DATA is None, reason=f"real scans not found: set {ENV_VAR} to a local mirror or place it "
-    "at ../shared/data beside the checkout")
 
 
 def _sums(folder: Path) -> dict:

@@ -24,28 +24,14 @@ from instance_saliency.io import (
     zscore_nonzero,
 )
 
+from _helpers import DATA, needs_data
+
 SHAPE = (6, 7, 5)
 # a non-trivial affine: flipped x (LAS-like), anisotropic, translated
 AFFINE = np.array([[-1.5, 0.0, 0.0, 90.0],
                    [0.0, 2.0, 0.0, -126.0],
                    [0.0, 0.0, 3.0, -72.0],
                    [0.0, 0.0, 0.0, 1.0]])
-
-
-def _data_dir() -> Path | None:
-    """The local mirror: $INSTANCE_SALIENCY_DATA, else ../shared/data beside the checkout."""
-    env = os.environ.get("INSTANCE_SALIENCY_DATA")
-    for d in ([Path(env)] if env else []) + [
-            Path(__file__).resolve().parents[1].parent / "shared" / "data"]:
-        if (d / "SHA256SUMS").is_file():
-            return d
-    return None
-
-
-DATA = _data_dir()
-needs_data = pytest.mark.skipif(
-    DATA is None, reason="real scans not found: set INSTANCE_SALIENCY_DATA to a local mirror "
-    "or place it at ../shared/data beside the checkout")
 
 
 def _image(seed=0, shape=SHAPE, dtype=np.float32):

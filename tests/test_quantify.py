@@ -259,8 +259,9 @@ def _brute_quantify(sal, m, spacing, share=2.0, peak=3.0, outside=(1, 2, 3, 4, 5
         for k in inside:
             sel = (d >= -k) & (d < -max(k - 1, 0))
             row[f"{p}_rim_in_{k:g}mm"] = s[sel].mean() if sel.any() else np.nan
-    a = [np.abs(sal[c][d <= share].astype(float)).sum() for c in range(len(names))]
-    row[f"{method}_{names[0]}_share"] = a[0] / sum(a)
+    if len(names) >= 2:
+        a = [np.abs(sal[c][d <= share].astype(float)).sum() for c in range(len(names))]
+        row[f"{method}_{names[0]}_share"] = a[0] / sum(a)
     return row
 
 
@@ -306,6 +307,22 @@ def test_columns_and_generic_channels():
     assert "x_c_rim_out_1.5mm" in row
     assert row["x_a_share"] == pytest.approx(1 / 6)
     assert [row[f"x_{c}_sum_abs"] for c in "abc"] == [27.0, 54.0, 81.0]
+
+
+def test_single_channel_has_no_share():
+    """A one-channel map (Grad-CAM++ ``cam``) gets no ``_share`` column: it would always be 1."""
+    cols = quantify_columns("gradcampp", ("CAM",))
+    assert not [c for c in cols if c.endswith("_share")]
+    assert cols[-1] == "gradcampp_cam_rim_in_2mm" and len(cols) == 5 + 5 + 2
+    m = _cube()
+    row = quantify_instance((m * 2.0)[None], m, (1, 1, 1), channel_names=("CAM",),
+                            method="gradcampp")
+    assert list(row) == cols
+    assert row["gradcampp_cam_sum_abs"] == 54.0  # 27 lesion voxels of 2, nothing around
+    from instance_saliency.explain import table_columns
+    tc = table_columns(("smoothgrad", "gradcampp"))
+    assert "smoothgrad_flair_share" in tc and "gradcampp_cam_share" not in tc
+    assert [c for c in tc if c.endswith("_share")] == ["smoothgrad_flair_share"]
 
 
 def test_quantify_errors():

@@ -26,11 +26,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from instance_saliency import cli, cohort, explain as explain_mod, models
 from instance_saliency.explain import prepare_output, remove_stale_staging, table_columns
 from instance_saliency.models import ModelConfig, save_checkpoint
+
+from _helpers import Detector  # hand-set model (also loaded by the subprocesses)
 
 N = 20
 ARCH = "test_reliability_detector"
@@ -38,28 +39,6 @@ TESTS = Path(__file__).resolve().parent
 FAST = ["--methods", "smoothgrad", "--n-samples", "1", "--no-figures", "--quiet"]
 COHORT_FAST = [*FAST, "--n-boot", "20"]
 ERR = "instance-saliency: error: "
-
-
-class Detector(torch.nn.Module):
-    """Lesion logit = 4 · mean FLAIR over a ``kernel``^3 box − 6 (normalised FLAIR)."""
-
-    def __init__(self, in_channels=2, out_channels=2, kernel=3):
-        super().__init__()
-        self.features = torch.nn.Conv3d(in_channels, 2, kernel, padding=kernel // 2)
-        self.act = torch.nn.ReLU()
-        self.head = torch.nn.Conv3d(2, out_channels, 1)
-        with torch.no_grad():
-            self.features.weight.zero_()
-            self.features.bias.zero_()
-            self.features.weight[0, 0] = 1.0 / kernel ** 3
-            self.features.bias[1] = 1.0
-            self.head.weight.zero_()
-            self.head.bias.zero_()
-            self.head.weight[1, 0] = 4.0
-            self.head.weight[1, 1] = -6.0
-
-    def forward(self, x):
-        return self.head(self.act(self.features(x)))
 
 
 def register():

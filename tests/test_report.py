@@ -31,7 +31,8 @@ def _png_size(data: bytes) -> tuple:
 
 
 def _no_temp_files(folder) -> bool:
-    return not [p for p in os.listdir(folder) if p.endswith(".tmp")]
+    # temporary names end in ".tmp" or ".tmp<suffixes of the target>" (``io.atomic_write``)
+    return not [p for p in os.listdir(folder) if ".tmp" in p]
 
 
 @pytest.fixture

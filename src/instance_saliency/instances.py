@@ -26,6 +26,7 @@ import cc3d
 import numpy as np
 from scipy import ndimage
 
+from ._validate import check_spacing as _check_spacing
 from .errors import InputError
 
 __all__ = [
@@ -62,16 +63,6 @@ def _check_mask(mask, name: str) -> np.ndarray:
     if not ((m == 0) | (m == 1)).all():
         raise InputError(f"{name} is not binary: values other than 0/1 found")
     return np.ascontiguousarray(m != 0)
-
-
-def _check_spacing(spacing) -> tuple:
-    try:
-        s = tuple(float(v) for v in spacing)
-    except (TypeError, ValueError):
-        raise InputError(f"spacing must be 3 positive numbers (mm), got {spacing!r}") from None
-    if len(s) != 3 or not all(np.isfinite(v) and v > 0 for v in s):
-        raise InputError(f"spacing must be 3 positive numbers (mm), got {spacing!r}")
-    return s
 
 
 def _check_affine(affine) -> np.ndarray:

@@ -203,8 +203,25 @@ def zscore_nonzero(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def _atomic_write(write, path: Path):
-    """Call ``write(tmp_path)`` then rename onto ``path`` (no half-written file at ``path``)."""
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path`` (no half-written file at ``path``).
+
+    ``tmp_path`` (a ``str``) is a new empty file next to ``path``, ending in ``path``'s own
+    suffixes (so writers that pick a format from the name, such as ``nib.save``, still work).
+    The parent folder is created if needed. Once ``write`` returns, the file gets the usual
+    mode (``0o666`` less the umask) and is renamed onto ``path``; on any error the temporary
+    file is removed and ``path`` is left as it was.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    OutputError
+        The folder cannot be created or written into.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,6 +240,7 @@ def _atomic_write(write, path: Path):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -230,7 +248,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     def w(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-    _atomic_write(w, Path(path))
+    atomic_write(path, w)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -238,7 +256,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     def w(tmp):
         with open(tmp, "wb") as f:
             f.write(data)
-    _atomic_write(w, Path(path))
+    atomic_write(path, w)
 
 
 def save_map(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
@@ -267,4 +285,4 @@ def save_map(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
         img.set_sform(affine, int(hdr["sform_code"]) or 1)
     img.header["scl_slope"] = np.nan
     img.header["scl_inter"] = np.nan
-    _atomic_write(lambda tmp: nib.save(img, tmp), Path(path))
+    atomic_write(path, lambda tmp: nib.save(img, tmp))

@@ -22,6 +22,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from ._validate import check_spacing as _check_spacing
 from .errors import InputError
 
 __all__ = [
@@ -38,16 +39,6 @@ DEFAULT_INSIDE_MM = (1, 2)
 
 # --------------------------------------------------------------------------------------------
 # validation and cropping
-
-
-def _check_spacing(spacing) -> tuple:
-    try:
-        s = tuple(float(v) for v in spacing)
-    except (TypeError, ValueError):
-        raise InputError(f"spacing must be 3 positive numbers (mm), got {spacing!r}") from None
-    if len(s) != 3 or not all(math.isfinite(v) and v > 0 for v in s):
-        raise InputError(f"spacing must be 3 positive numbers (mm), got {spacing!r}")
-    return s
 
 
 def _check_lesion_mask(mask) -> np.ndarray:
@@ -319,8 +310,9 @@ def quantify_columns(method: str = "smoothgrad", channel_names=("FLAIR", "MPRAGE
     list of str
         For each channel ``ch`` (lowercased): ``{method}_{ch}_peak_max``, ``_peak_min``,
         ``_mean_in``, ``_sum_in``, ``_sum_abs``, ``_rim_out_{k}mm`` for ``k`` in ``outside_mm``,
-        ``_rim_in_{k}mm`` for ``k`` in ``inside_mm`` (``k`` formatted with ``%g``); then
-        ``{method}_{ch0}_share``.
+        ``_rim_in_{k}mm`` for ``k`` in ``inside_mm`` (``k`` formatted with ``%g``); then,
+        for two or more channels only, ``{method}_{ch0}_share`` (a single channel's share
+        would always be 1).
     """
     method, chs = _names(method, channel_names)
     outside_mm = _check_shells(outside_mm, "outside_mm")
@@ -332,7 +324,8 @@ def quantify_columns(method: str = "smoothgrad", channel_names=("FLAIR", "MPRAGE
                  f"{p}_sum_abs"]
         cols += [f"{p}_rim_out_{k:g}mm" for k in outside_mm]
         cols += [f"{p}_rim_in_{k:g}mm" for k in inside_mm]
-    cols.append(f"{method}_{chs[0]}_share")
+    if len(chs) >= 2:
+        cols.append(f"{method}_{chs[0]}_share")
     return cols
 
 
@@ -377,8 +370,9 @@ def quantify_instance(saliency, mask, spacing, channel_names=("FLAIR", "MPRAGE")
         * ``_rim_out_{k}mm``: mean over outside shell ``max(k-1,0) < d <= k``;
         * ``_rim_in_{k}mm``: mean over inside shell ``-k <= d < -max(k-1,0)``;
 
-        and ``{method}_{ch0}_share`` = sum|S_ch0| / sum over all channels of sum|S_c|, over
-        ``d <= share_margin_mm`` (for FLAIR + MPRAGE: the FLAIR share). Empty shells and a
+        and, for two or more channels, ``{method}_{ch0}_share`` = sum|S_ch0| / sum over all
+        channels of sum|S_c|, over ``d <= share_margin_mm`` (for FLAIR + MPRAGE: the FLAIR
+        share; no share for a single channel such as Grad-CAM++ ``cam``). Empty shells and a
         share with all-zero saliency are NaN.
 
     Raises
@@ -439,7 +433,8 @@ def quantify_instance(saliency, mask, spacing, channel_names=("FLAIR", "MPRAGE")
             row[f"{p}_rim_in_{k:g}mm"] = _mean(sc, i)
         abs_sums.append(float(np.abs(sc[share_region]).sum()))
         row[f"{p}_sum_abs"] = abs_sums[-1]
-    total = sum(abs_sums)
-    row[f"{method}_{chs[0]}_share"] = abs_sums[0] / total if total > 0 else float("nan")
+    if len(chs) >= 2:
+        total = sum(abs_sums)
+        row[f"{method}_{chs[0]}_share"] = abs_sums[0] / total if total > 0 else float("nan")
     cols = quantify_columns(method, chs, outside_mm, inside_mm)
     return {k: row[k] for k in cols}

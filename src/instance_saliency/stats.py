@@ -58,6 +58,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from ._format import fmt_number as _f
 from .errors import InputError, OutputError
 
 __all__ = [
@@ -611,7 +612,8 @@ def lesion_features(instances: pd.DataFrame, include_log_volume: bool = False,
     ``{p}_peak_max``, ``{p}_peak_min``, ``{p}_mean_in`` and ``{p}_rim_1_3mm`` (unweighted mean
     of the outside shell means of ``rim_mm``, NaN shells skipped); plus every
     ``{method}_{ch}_share`` of a method with at least two channels (a one-channel share is
-    constant); plus ``log_volume_mm3`` = ln(volume in mm³) when ``include_log_volume``.
+    constant; :func:`instance_saliency.quantify.quantify_instance` no longer writes one, but
+    tables of older runs may hold it); plus ``log_volume_mm3`` = ln(volume in mm³) when ``include_log_volume``.
     NaNs are kept (the classifier imputes them inside each training fold).
 
     Returns
@@ -898,22 +900,6 @@ def _clean(obj):
         v = float(obj)
         return v if math.isfinite(v) else None
     return obj
-
-
-def _f(v, digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        return str(int(v))
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    if not math.isfinite(v):
-        return "–" if math.isnan(v) else str(v)
-    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4):
-        return f"{v:.{digits - 1}e}"
-    return f"{v:.{digits}g}" if abs(v) < 1 else f"{v:.{digits + 1}g}"
 
 
 def _pct(v) -> str:

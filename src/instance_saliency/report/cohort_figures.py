@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .figures import STATUS_COLOURS, _message_figure, _new_figure, _save
+from .._format import fmt_number as _fmt
+from .figures import (STATUS_COLOURS, _decorate_profile_axes, _message_figure, _new_figure,
+                      _save)
 
 __all__ = [
     "peak_by_status_figure",
@@ -38,23 +40,6 @@ def _num(table, col: str) -> np.ndarray:
     import pandas as pd
 
     return pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=np.float64)
-
-
-def _fmt(v, digits: int = 3) -> str:
-    """Short text of a number for titles and legends ("–" for None or NaN)."""
-    if v is None:
-        return "–"
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        return str(int(v))
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    if not math.isfinite(v):
-        return "–" if math.isnan(v) else str(v)
-    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4):
-        return f"{v:.{digits - 1}e}"
-    return f"{v:.{digits}g}" if abs(v) < 1 else f"{v:.{digits + 1}g}"
 
 
 def peak_by_status_figure(instances, peak_by_status: dict, out_png) -> Path:
@@ -140,13 +125,7 @@ def profile_by_status_figure(profiles: dict, method: str, out_png) -> Path:
                     label=f"{s} (n ≤ {int(g['n'].max())})")
             ax.fill_between(g["distance_mm"], g["ci_low"], g["ci_high"], color=col, alpha=0.2,
                             lw=0)
-        ax.axvline(0, color="k", ls="--", lw=0.9)
-        ax.axhline(0, color="0.5", lw=0.8)
-        ax.set_title(f"{method} {ch.upper()}", fontsize=10)
-        ax.set_xlabel("signed distance from lesion border (mm; < 0 inside)", fontsize=8)
-        ax.set_ylabel("mean saliency in bin", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, frameon=False)
+        _decorate_profile_axes(ax, f"{method} {ch.upper()}", label_size=8)
     fig.suptitle("saliency profile by status (band: 95% t-interval over lesions)", fontsize=9)
     return _save(fig, out_png)
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, OutputError
+from .._validate import check_spacing as _check_spacing
+from ..errors import InputError
+from ..io import atomic_write
 
 __all__ = [
     "instance_figure",
@@ -50,7 +50,8 @@ _DPI = 80
 
 
 def _atomic_write(path, write) -> Path:
-    """Call ``write(fileobj)`` on a temporary file next to ``path``, then rename it onto ``path``.
+    """Call ``write(fileobj)`` on a temporary binary file next to ``path``, then rename it onto
+    ``path`` (through :func:`instance_saliency.io.atomic_write`).
 
     The parent folder is created if needed. On any error the temporary file is removed and
     ``path`` is left as it was.
@@ -60,22 +61,11 @@ def _atomic_write(path, write) -> Path:
     OutputError
         The folder cannot be created or written into.
     """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise OutputError(f"cannot write into {path.parent}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write_tmp(tmp):
+        with open(tmp, "wb") as f:
             write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write_tmp)
 
 
 def _new_figure(figsize, dpi=_DPI):
@@ -114,16 +104,6 @@ def _message_figure(out_png, message: str, title: str = "", figsize=(4.0, 2.0)) 
 
 # --------------------------------------------------------------------------------------------
 # instance figure
-
-
-def _check_spacing(spacing) -> tuple:
-    try:
-        s = tuple(float(v) for v in spacing)
-    except (TypeError, ValueError):
-        raise InputError(f"spacing must be 3 positive numbers (mm), got {spacing!r}") from None
-    if len(s) != 3 or not all(math.isfinite(v) and v > 0 for v in s):
-        raise InputError(f"spacing must be 3 positive numbers (mm), got {spacing!r}")
-    return s
 
 
 def _centre_voxel(centroid_vox, shape) -> tuple:
@@ -407,6 +387,20 @@ def _channel_colours(channels) -> dict:
     return {ch: base.get(str(ch).lower()) or next(spare, "#444444") for ch in channels}
 
 
+def _decorate_profile_axes(ax, title: str, label_size: int = 9) -> None:
+    """Border and zero lines, title, axis labels, ticks and legend of a distance-profile panel.
+
+    Axis labels use ``label_size`` points, ticks and legend one point less, the title 10.
+    """
+    ax.axvline(0.0, color="k", ls="--", lw=0.9)
+    ax.axhline(0.0, color="0.5", lw=0.8)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("signed distance from lesion border (mm; < 0 inside)", fontsize=label_size)
+    ax.set_ylabel("mean saliency in bin", fontsize=label_size)
+    ax.tick_params(labelsize=label_size - 1)
+    ax.legend(fontsize=label_size - 1, frameon=False)
+
+
 def distance_profile_figure(profiles, out_png, title: str = "") -> dict:
     """Plot mean saliency against signed distance from the lesion border, per method.
 
@@ -475,13 +469,7 @@ def distance_profile_figure(profiles, out_png, title: str = "") -> dict:
             x, y = mc.index.to_numpy(dtype=float), mc.to_numpy(dtype=float)
             mean_curves[method, ch] = (x, y)
             ax.plot(x, y, color=colours[ch], lw=2.4, label=f"{ch} (mean)")
-        ax.axvline(0.0, color="k", ls="--", lw=0.9)
-        ax.axhline(0.0, color="0.5", lw=0.8)
-        ax.set_title(f"{method} (n = {n_lesions[method]} lesions)", fontsize=10)
-        ax.set_xlabel("signed distance from lesion border (mm; < 0 inside)", fontsize=9)
-        ax.set_ylabel("mean saliency in bin", fontsize=9)
-        ax.tick_params(labelsize=8)
-        ax.legend(fontsize=8, frameon=False)
+        _decorate_profile_axes(ax, f"{method} (n = {n_lesions[method]} lesions)", label_size=9)
     if title:
         fig.suptitle(title, fontsize=10)
     _save(fig, out_png)
