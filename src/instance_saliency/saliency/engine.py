@@ -86,6 +86,7 @@ class WindowPlan:
     windows: list = field(default_factory=list)
     target_windows: list = field(default_factory=list)
     grid: WindowGrid | None = None
+    _blend_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def create(cls, masks: Sequence[np.ndarray], image_shape: Sequence[int], mode: str = "sliding",
@@ -186,12 +187,17 @@ class WindowPlan:
                      for a in range(3))
 
     def blend(self, w: int, device) -> torch.Tensor:
-        """Per-voxel factor mapping window ``w``'s output onto the blended logits."""
-        start, size = self.windows[w]
-        if self.grid is None:
-            return torch.ones(size, device=device)
-        sl = self.window_slices(w)
-        return (self.grid.importance / self.grid.norm[sl]).to(device)
+        """Per-voxel factor mapping window ``w``'s output onto the blended logits (cached)."""
+        key = (w, str(device))
+        if key not in self._blend_cache:
+            start, size = self.windows[w]
+            if self.grid is None:
+                val = torch.ones(size, device=device)
+            else:
+                sl = self.window_slices(w)
+                val = (self.grid.importance / self.grid.norm[sl]).to(device)
+            self._blend_cache[key] = val
+        return self._blend_cache[key]
 
     def n_windows_per_target(self) -> list[int]:
         return [len(ws) for ws in self.target_windows]
@@ -228,15 +234,17 @@ def _batches(plan: WindowPlan, needed: Iterable[int], sw_batch_size: int,
     return out
 
 
-def cotangent(plan: WindowPlan, target, t: int, w: int, n_out: int, class_index: int,
-              device) -> torch.Tensor:
-    """``∂T/∂out_w`` for a linear target: ``(n_out, *window_size)`` on the class channel."""
+def cotangent(plan: WindowPlan, target, w: int, device) -> torch.Tensor:
+    """``∂T/∂out_w[class]`` of a linear target: ``(*window_size)``, zero on the other channels.
+
+    ``a(v) · imp_w(v) / norm(v)`` on the part of the window inside the scan (``a`` = the
+    target's linear weights), 0 on padding.
+    """
     start, size = plan.windows[w]
     img_sl, win_sl = plan.window_image_part(w)
-    a = torch.zeros(size, device=device)
-    a[win_sl] = torch.from_numpy(target.linear_weights_at(img_sl)).to(device)
-    cot = torch.zeros((n_out,) + tuple(size), device=device)
-    cot[class_index] = a * plan.blend(w, device)
+    cot = torch.zeros(size, device=device)
+    cot[win_sl] = torch.from_numpy(target.linear_weights_at(img_sl)).to(device) \
+        * plan.blend(w, device)[win_sl]
     return cot
 
 

@@ -138,8 +138,8 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
                 cot = torch.zeros_like(out)
                 for j, w in enumerate(wb):
                     if t in users[w]:
-                        cot[j] = cotangent(plan, targets[t], t, w, out.shape[1],
-                                           targets[t].class_index, out.device)
+                        cot[j, targets[t].class_index] = cotangent(plan, targets[t], w,
+                                                                   out.device)
                 (g,) = torch.autograd.grad(out, A, cot, retain_graph=i < len(ts) - 1)
                 for j, w in enumerate(wb):
                     if t in users[w]:

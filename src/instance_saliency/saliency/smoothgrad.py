@@ -83,8 +83,8 @@ def _grads_linear(model, plan: WindowPlan, xp: torch.Tensor, targets, active, re
         for i, assign in enumerate(rounds):
             cot = torch.zeros_like(out)
             for j, w, t in assign:
-                cot[j * S:(j + 1) * S] = cotangent(plan, targets[t], t, w, out.shape[1],
-                                                   targets[t].class_index, out.device)
+                cot[j * S:(j + 1) * S, targets[t].class_index] = \
+                    cotangent(plan, targets[t], w, out.device)
             (g,) = torch.autograd.grad(out, inp, cot, retain_graph=i < len(rounds) - 1)
             for j, w, t in assign:
                 reg = regions[t]
