@@ -55,8 +55,12 @@ def _as_input(x) -> torch.Tensor:
 
 
 def _grads_linear(model, plan: WindowPlan, xp: torch.Tensor, targets, active, regions,
-                  sw_batch_size: int, pack: bool = True) -> dict:
+                  sw_batch_size: int, pack: bool = True, into: dict | None = None) -> dict:
     """Per target ``t`` in ``active``: ``(S, C, *region_t)`` input gradients for one chunk.
+
+    With ``into`` (target -> ``(C, *region_t)`` tensor), the gradients are instead summed over
+    the chunk's samples straight into ``into[t]`` (no per-sample buffers; used when only the
+    mean map is wanted) and an empty dict is returned.
 
     One forward per window batch, shared by all targets. With ``pack`` (default), each
     backward pass carries, for every window row of the batch, the cotangent of a different
@@ -65,8 +69,8 @@ def _grads_linear(model, plan: WindowPlan, xp: torch.Tensor, targets, active, re
     as the largest number of targets touching one of its windows.
     """
     S, C = xp.shape[:2]
-    acc = {t: torch.zeros((S, C) + tuple(s.stop - s.start for s in regions[t]))
-           for t in active}
+    acc = into if into is not None else {
+        t: torch.zeros((S, C) + tuple(s.stop - s.start for s in regions[t])) for t in active}
     needed = {w for t in active for w in plan.target_windows[t]}
     users = {w: [t for t in active if w in plan.target_windows[t]] for w in needed}
     order = (lambda w: (-len(users[w]), w)) if pack else None
@@ -90,10 +94,14 @@ def _grads_linear(model, plan: WindowPlan, xp: torch.Tensor, targets, active, re
                 reg = regions[t]
                 img_sl, win_sl = plan.window_image_part(w)
                 dst = tuple(slice(a.start - r.start, a.stop - r.start) for a, r in zip(img_sl, reg))
-                acc[t][(slice(None), slice(None)) + dst] += \
-                    g[j * S:(j + 1) * S][(slice(None), slice(None)) + win_sl].detach().cpu()
+                rows = g[j * S:(j + 1) * S][(slice(None), slice(None)) + win_sl].detach().cpu()
+                if into is None:
+                    acc[t][(slice(None), slice(None)) + dst] += rows
+                else:
+                    for r in rows:  # sample by sample, in order
+                        acc[t][(slice(None),) + dst] += r
         del out, inp
-    return acc
+    return {} if into is not None else acc
 
 
 def _grads_maxabs(model, plan: WindowPlan, xp: torch.Tensor, target, t: int, region,
@@ -201,7 +209,8 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
     seed : int
         Seed of the noise generator; results do not depend on ``batch_size``.
     batch_size : int
-        Noise samples per chunk (memory/speed only; identical results).
+        Noise samples per chunk (memory/speed only; the same maps up to float32 summation
+        order, about 1e-7 relative).
     sw_batch_size : int
         Windows per forward pass.
     variants : sequence of {"mean", "squared", "vargrad"}
@@ -252,8 +261,7 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
         noise_iter = draw_noise((C,) + shape, sigma, n_samples, seed, device)
     plan = WindowPlan.create([t.mask for t in targets], shape, mode, roi_size, overlap, grid)
     regions = [plan.target_region(t) for t in range(len(targets))]
-    sums = [torch.zeros((C,) + tuple(s.stop - s.start for s in r), dtype=torch.float64)
-            for r in regions]
+    sums = [torch.zeros((C,) + tuple(s.stop - s.start for s in r)) for r in regions]
     sqs = [torch.zeros_like(s) for s in sums] if set(variants) - {"mean"} else None
     linear = [t for t, tg in enumerate(targets) if tg.is_linear and aggregation == "target"]
     other = [t for t in range(len(targets)) if t not in linear]
@@ -267,16 +275,17 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
             n = min(batch_size, n_samples - c0)
             xs = torch.stack([x + next(noise_iter) for _ in range(n)])
             xp = plan_pad(plan, xs)
+            direct = {t: sums[t] for t in linear} if sqs is None else None
             grads = _grads_linear(model, plan, xp, targets, linear, regions, sw_batch_size,
-                                  pack) if linear else {}
+                                  pack, direct) if linear else {}
             for t in other:
                 fn = _grads_maxabs if aggregation == "maxabs" else _grads_generic
                 grads[t] = fn(model, plan, xp, targets[t], t, regions[t], sw_batch_size)
             for t, g in grads.items():
-                g = g.double()
-                sums[t] += g.sum(0)
-                if sqs is not None:
-                    sqs[t] += (g * g).sum(0)
+                for gs in g:  # sample by sample, in order: chunking does not change sums
+                    sums[t] += gs
+                    if sqs is not None:
+                        sqs[t] += gs * gs
             del xs, xp, grads
     results = []
     for t, tg in enumerate(targets):
