@@ -535,15 +535,21 @@ def test_analyze_bad_cohort_folder(world, tmp_path, capsys, case, pattern):
     assert snapshot(tmp_path) == before and not debris(tmp_path)
 
 
-def test_error_inside_a_saliency_method_leaves_nothing(world, tmp_path, capsys):
+def test_error_inside_a_saliency_method_leaves_nothing(world, tmp_path, capsys, monkeypatch):
     """Grad-CAM++ fails after SmoothGrad has run: one line, no output, inputs and model
     unchanged (the in-memory model and input: tests/test_saliency.py::test_no_state_leaks)."""
+    import instance_saliency.saliency as sal
+
+    def broken(*args, **kwargs):
+        raise ValueError("layer 'act' ran 2 times in one forward pass")
+
+    monkeypatch.setattr(sal, "gradcampp", broken)
     before = snapshot(world["root"])
     out = tmp_path / "out"
     argv = command_argv("explain", world, out)[:-len(FAST)]
-    rc, _, err = run_cli([*argv, "--methods", "smoothgrad,gradcampp", "--cam-layer",
-                          "no.such.layer", "--n-samples", "1", "--quiet"], capsys)
-    assert_one_line_error(rc, err, r"Grad-CAM\+\+: .*no\.such\.layer")
+    rc, _, err = run_cli([*argv, "--methods", "smoothgrad,gradcampp", "--cam-layer", "act",
+                          "--n-samples", "1", "--quiet"], capsys)
+    assert_one_line_error(rc, err, r"Grad-CAM\+\+: layer 'act' ran 2 times")
     assert not out.exists() and not debris(tmp_path, world["root"])
     assert snapshot(world["root"]) == before
 
@@ -830,3 +836,103 @@ def test_cohort_sigkill_then_resume(world, tmp_path, monkeypatch):
     assert {k: (sub / k / "run.json").stat().st_mtime_ns for k in complete} == stamps
     assert not debris(tmp_path)
     assert json.loads((out / "stats.json").read_text())["n_subjects"] == 4
+
+
+# --------------------------------------------------------------------------------------------
+# output-folder safety (found by a new user trying to break the tool)
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(world, tmp_path, capsys):
+    """--overwrite replaces only a finished run: a folder with other files is refused."""
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    for extra in ([], ["--overwrite"]):
+        rc, _, err = run_cli(command_argv("explain", world, out) + extra, capsys)
+        assert_one_line_error(rc, err, "not an instance-saliency run", [out])
+    assert (out / "notes.txt").read_text() == "precious"
+
+
+def test_output_folder_containing_the_inputs_is_refused(world, tmp_path, capsys):
+    import shutil
+
+    d = tmp_path / "inputs"
+    d.mkdir()
+    f = shutil.copy(world["good"]["flair"], d / "f.nii.gz")
+    m = shutil.copy(world["good"]["mprage"], d / "m.nii.gz")
+    before = snapshot(d)
+    rc, _, err = run_cli(command_argv("explain", world, d, flair=f, mprage=m) + ["--overwrite"],
+                         capsys)
+    assert_one_line_error(rc, err, "contains the input")
+    assert snapshot(d) == before
+
+
+def test_predict_never_overwrites_an_input(world, tmp_path, capsys):
+    import shutil
+
+    f = Path(shutil.copy(world["good"]["flair"], tmp_path / "f.nii.gz"))
+    before = f.read_bytes()
+    rc, _, err = run_cli(command_argv("predict", world, f, flair=f) + ["--overwrite"], capsys)
+    assert_one_line_error(rc, err, "would overwrite an input")
+    assert f.read_bytes() == before
+
+
+def test_concurrent_run_is_not_silently_replaced(world, tmp_path, capsys, monkeypatch):
+    """A run that finishes while another already committed into the same --out is refused."""
+    from instance_saliency import explain as ex
+
+    out = tmp_path / "conc"
+    real_commit = ex.commit_output
+
+    def other_run_finishes_first(stage, o, overwrite=False, inputs=()):
+        out.mkdir()
+        (out / ex.RUN_FILE).write_text("{}")  # the other run's result
+        return real_commit(stage, o, overwrite, inputs)
+
+    monkeypatch.setattr(ex, "commit_output", other_run_finishes_first)
+    rc, _, err = run_cli(command_argv("explain", world, out), capsys)
+    assert_one_line_error(rc, err, "already holds a finished run")
+    assert (out / ex.RUN_FILE).read_text() == "{}"
+    assert not debris(tmp_path)
+
+
+def test_symlinked_output_folder_is_followed(world, tmp_path, capsys):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    rc, _, err = run_cli(command_argv("explain", world, link), capsys)
+    assert rc == 0, err
+    assert link.is_symlink() and (real / "run.json").is_file()
+    assert not debris(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["explain", "predict"])
+def test_unavailable_device_is_a_one_line_error(world, tmp_path, capsys, command):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is available here")
+    for dev, pattern in (("cuda", "no CUDA GPU"), ("tpu9", "device")):
+        rc, _, err = run_cli(command_argv(command, world, tmp_path / "o") + ["--device", dev],
+                             capsys)
+        assert_one_line_error(rc, err, pattern)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_cam_layer_refused_before_any_work(world, tmp_path, capsys):
+    rc, _, err = run_cli(command_argv("explain", world, tmp_path / "o")
+                         + ["--methods", "smoothgrad,gradcampp", "--cam-layer", "no.such.layer"],
+                         capsys)
+    assert_one_line_error(rc, err, "is not in this model")
+    assert not (tmp_path / "o").exists() and not debris(tmp_path)
+
+
+def test_evaluate_out_folder_and_analyze_unknown_method(world, tmp_path, capsys):
+    rc, _, err = run_cli(command_argv("evaluate", world, tmp_path), capsys)
+    assert_one_line_error(rc, err, "is a folder")
+    out = tmp_path / "coh"
+    rc, _, err = run_cli(command_argv("cohort", world, out), capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli(["analyze", out, "--method", "foo", "--n-boot", "0"], capsys)
+    assert_one_line_error(rc, err, "available: ")

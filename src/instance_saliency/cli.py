@@ -177,9 +177,11 @@ def cmd_predict(a) -> int:
     from .io import load_subject, save_map, zscore_nonzero
     from .models import load_checkpoint
 
+    from .explain import _check_model_channels, check_device
+
+    check_device(a.device)
     s = load_subject(a.flair, a.mprage)
     model, cfg = load_checkpoint(a.model, a.device)
-    from .explain import _check_model_channels
 
     _check_model_channels(cfg, s.image.shape[0], a.model)
     if a.sw_batch_size < 1:
@@ -194,6 +196,11 @@ def cmd_predict(a) -> int:
         if out.exists() and not out.is_dir():
             raise OutputError(f"output {out} exists and is not a folder")
         mask_path, prob_path = out / "prediction_mask.nii.gz", out / "prediction_prob.nii.gz"
+    import os
+
+    for p in (mask_path, prob_path):
+        if any(os.path.realpath(p) == os.path.realpath(i) for i in (a.flair, a.mprage)):
+            raise OutputError(f"output {p} would overwrite an input; choose another --out")
     existing = [p for p in (mask_path, prob_path) if p.exists()]
     if existing and not a.overwrite:
         raise OutputError(f"{existing[0]} already exists; use --overwrite to replace")
@@ -247,6 +254,8 @@ def cmd_evaluate(a) -> int:
     summary.insert(0, "subject", summary.index)
     text = pd.concat([table, summary], ignore_index=True).to_csv(index=False)
     if a.out:
+        if Path(a.out).is_dir():
+            raise OutputError(f"--out {a.out} is a folder; give a CSV file path")
         atomic_write_text(a.out, text)
         print(f"metrics of {len(rows)} subject(s) written to {a.out}")
     else:
@@ -273,10 +282,10 @@ def cmd_analyze(a) -> int:
     return 0
 
 
-def _add_explain_options(e) -> None:
+def _add_explain_options(e, **overrides) -> None:
     from .explain import METHODS, ExplainConfig
 
-    d = ExplainConfig()
+    d = ExplainConfig(**overrides)
     e.add_argument("--model", help="checkpoint folder (default: the shipped model)")
     e.add_argument("--methods", default=",".join(d.methods),
                    help=f"comma-separated, from {','.join(METHODS)} (default: all)")
@@ -360,8 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $INSTANCE_SALIENCY_DATA, else download into the user cache)")
     d.add_argument("--verify-only", action="store_true",
                    help="only fetch/verify the scan and print its summary")
-    _add_explain_options(d)
-    d.set_defaults(func=cmd_demo, **DEMO_DEFAULTS)
+    _add_explain_options(d, **DEMO_DEFAULTS)
+    d.set_defaults(func=cmd_demo)
 
     pr = sub.add_parser("predict", help="sliding-window lesion segmentation of one scan")
     pr.add_argument("--flair", required=True)

@@ -172,24 +172,51 @@ def remove_stale_staging(out: str | os.PathLike) -> list:
     return removed
 
 
-def prepare_output(out: Path, overwrite: bool) -> Path:
-    """Check ``out`` and create a fresh staging folder beside it.
+def _is_inside(path, folder: Path) -> bool:
+    try:
+        Path(os.path.realpath(path)).relative_to(folder)
+        return True
+    except ValueError:
+        return False
 
-    Leftover staging folders of killed runs beside ``out`` are removed first
-    (:func:`remove_stale_staging`).
+
+def check_output_folder(out: Path, overwrite: bool, inputs=()) -> None:
+    """Refuse an output folder that cannot safely receive (or be replaced by) a run.
+
+    ``--overwrite`` replaces only a folder that holds a finished run (``run.json``) or is
+    empty; never a folder holding other files, nor one that contains an input file.
 
     Raises
     ------
     OutputError
-        ``out`` is a file, holds a finished run (or anything) without ``overwrite``, or its
-        parent cannot be written.
     """
-    out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        what = "a finished run" if (out / RUN_FILE).exists() else "files"
-        raise OutputError(f"output folder {out} already holds {what}; use --overwrite to replace")
+    for p in inputs:
+        if p is not None and _is_inside(p, out):
+            raise OutputError(f"output folder {out} contains the input {p}; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / RUN_FILE).exists():
+            raise OutputError(f"output folder {out} holds files that are not an instance-saliency "
+                              "run; choose an empty or new folder")
+        if not overwrite:
+            raise OutputError(f"output folder {out} already holds a finished run; use "
+                              "--overwrite to replace it")
+
+
+def prepare_output(out: Path, overwrite: bool, inputs=()) -> Path:
+    """Check ``out`` and create a fresh staging folder beside it.
+
+    ``out`` is resolved first (a symbolic link to a folder is followed). Leftover staging
+    folders of killed runs beside ``out`` are removed (:func:`remove_stale_staging`).
+
+    Raises
+    ------
+    OutputError
+        See :func:`check_output_folder`; or the parent folder cannot be written.
+    """
+    out = Path(os.path.realpath(out))
+    check_output_folder(out, overwrite, inputs)
     remove_stale_staging(out)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
@@ -201,13 +228,19 @@ def prepare_output(out: Path, overwrite: bool) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise OutputError(f"cannot write into {out.parent}: {e.strerror or e}") from None
+        why = "not a folder" if e.errno == 20 else (e.strerror or str(e))
+        raise OutputError(f"cannot write into {out.parent}: {why}") from None
     return stage
 
 
-def commit_output(stage: Path, out: Path) -> None:
-    """Move the finished staging folder onto ``out`` (replacing an old run last)."""
-    out = Path(out)
+def commit_output(stage: Path, out: Path, overwrite: bool = False, inputs=()) -> None:
+    """Move the finished staging folder onto ``out`` (replacing an old run last).
+
+    The checks of :func:`check_output_folder` are repeated, so that a run which finished
+    meanwhile into the same folder (a concurrent run) is not silently replaced.
+    """
+    out = Path(os.path.realpath(out))
+    check_output_folder(out, overwrite, inputs)
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -215,6 +248,20 @@ def commit_output(stage: Path, out: Path) -> None:
     os.replace(stage, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_device(device: str) -> None:
+    """Refuse a torch device that does not exist here, with a one-line :class:`InputError`."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"unknown --device {device!r} ({str(e).splitlines()[0]})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA GPU is available to this torch build")
+    if dev.type not in ("cpu", "cuda") and not getattr(torch, dev.type, None):
+        raise InputError(f"--device {device}: not available here")
 
 
 def _check_model_channels(cfg, n_channels: int, model_dir=None) -> None:
@@ -288,14 +335,24 @@ def explain(flair: str | os.PathLike, mprage: str | os.PathLike, out: str | os.P
     out = Path(out)
     timings: dict = {}
     t_all = time.time()
+    check_device(cfg.device)
     subj = load_subject(flair, mprage, mask)
     model, mcfg = load_checkpoint(model_dir, cfg.device)
     _check_model_channels(mcfg, subj.image.shape[0], model_dir)
     threshold = cfg.threshold if cfg.threshold is not None else mcfg.threshold
     cam_layer = cfg.cam_layer or DEFAULT_CAM_LAYER.get(mcfg.architecture)
-    if "gradcampp" in cfg.methods and cam_layer is None:
-        raise InputError(f"no default Grad-CAM++ layer for {mcfg.architecture}; give --cam-layer")
-    stage = prepare_output(out, overwrite)
+    if "gradcampp" in cfg.methods:
+        if cam_layer is None:
+            raise InputError(f"no default Grad-CAM++ layer for {mcfg.architecture}; "
+                             "give --cam-layer")
+        names = dict(model.named_modules())
+        if cam_layer not in names:
+            conv = [n for n, m in names.items() if n and isinstance(
+                m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+            raise InputError(f"Grad-CAM++ layer {cam_layer!r} is not in this model; give "
+                             f"--cam-layer, e.g. one of the last convolutions: {conv[-4:]}")
+    inputs = (flair, mprage, mask, model_dir)
+    stage = prepare_output(out, overwrite, inputs)
     try:
         x = zscore_nonzero(subj.image)
         xt = torch.from_numpy(x).to(cfg.device)
@@ -412,7 +469,7 @@ def explain(flair: str | os.PathLike, mprage: str | os.PathLike, out: str | os.P
             "seed": cfg.seed, "torch_threads": torch.get_num_threads(),
         }
         atomic_write_text(stage / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
-        commit_output(stage, out)
+        commit_output(stage, out, overwrite, inputs)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

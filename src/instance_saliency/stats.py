@@ -1045,6 +1045,11 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     if n_boot < 0:
         raise InputError(f"--n-boot must be >= 0, got {n_boot}")
     instances, profiles = pool_instances(out)
+    available = sorted({c.split("_")[0] for c in instances.columns
+                        if c.endswith(("_flair_mean_in", "_mprage_mean_in"))})
+    if len(instances) and method not in available:
+        raise InputError(f"--method {method!r} has no FLAIR/MPRAGE columns in this cohort; "
+                         f"available: {', '.join(available) or 'none'}")
     for d in (out, out / "figures") if figures else (out,):  # before any file is replaced
         try:
             d.mkdir(exist_ok=True)
