@@ -34,6 +34,21 @@ from .engine import SparseMap, WindowPlan, _batches, cotangent, window_inputs
 from .smoothgrad import InstanceSaliency, _as_input, plan_pad
 
 
+def _weight_terms(gradients: torch.Tensor, sum_a: torch.Tensor) -> torch.Tensor:
+    """``Σ_i α_ki ReLU(g_ki)`` over the positions of one piece, given ``Σ_j A_kj`` (K,).
+
+    ``gradients``: ``(K, *spatial)``. Summing these terms over pieces (windows) gives the
+    weights of :func:`gradcampp_weights`.
+    """
+    K = gradients.shape[0]
+    g = gradients.reshape(K, -1).double()
+    g2 = g * g
+    denom = 2 * g2 + sum_a.double().reshape(K, 1) * g2 * g
+    alpha = torch.where((g != 0) & (denom != 0), g2 / torch.where(denom != 0, denom, 1.0),
+                        torch.zeros_like(g))
+    return (alpha * F.relu(g)).sum(1)
+
+
 def gradcampp_weights(activations: torch.Tensor, gradients: torch.Tensor,
                       eps: float = 0.0) -> torch.Tensor:
     """Grad-CAM++ channel weights without the ``exp(T)`` factor.
@@ -49,14 +64,8 @@ def gradcampp_weights(activations: torch.Tensor, gradients: torch.Tensor,
         ``w_k = Σ α_ki ReLU(g_ki)`` (Chattopadhay et al. 2018, eqs. 19–20).
     """
     K = activations.shape[1]
-    A = activations.transpose(0, 1).reshape(K, -1).double()
-    g = gradients.transpose(0, 1).reshape(K, -1).double()
-    sum_a = A.sum(1, keepdim=True)
-    g2 = g * g
-    denom = 2 * g2 + sum_a * g2 * g
-    alpha = torch.where((g != 0) & (denom != 0), g2 / torch.where(denom != 0, denom, 1.0),
-                        torch.zeros_like(g))
-    return (alpha * F.relu(g)).sum(1).float()
+    sum_a = activations.transpose(0, 1).reshape(K, -1).double().sum(1)
+    return sum(_weight_terms(g, sum_a) for g in gradients).float()
 
 
 def _upsample(cam: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -96,9 +105,15 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
     -------
     list of InstanceSaliency
         ``maps["raw"]``: ``(1, X, Y, Z)`` map after ReLU, not normalised (units: activation ×
-        weight); ``maps["signed"]`` when requested. ``maps["weights"]`` is not a map; the
-        channel weights are in ``InstanceSaliency.maps["raw"]``'s companion attribute
-        ``weights`` (see :func:`gradcampp_weights`).
+        weight); ``maps["signed"]`` when requested. The channel weights ``(K,)`` are in
+        ``InstanceSaliency.weights`` (see :func:`gradcampp_weights`).
+
+    Notes
+    -----
+    Two passes over the windows: activations first (no gradients; they give ``Σ_j A_kj``
+    over each target's windows), then gradients at the layer, whose per-window share of the
+    weights is added at once, so no gradient tensor is kept: memory stays at the activations
+    of the needed windows whatever the number of targets.
 
     Raises
     ------
@@ -118,48 +133,58 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
     users = {w: [t for t, ws in enumerate(plan.target_windows) if w in ws] for w in needed}
     xp = plan_pad(plan, x[None])
     acts: dict[int, torch.Tensor] = {}
-    grads: dict[tuple, torch.Tensor] = {}
-    batches = _batches(plan, needed, sw_batch_size)
+    weights = {t: torch.zeros(0, dtype=torch.float64) for t in range(len(targets))}
+    batches = _batches(plan, needed, sw_batch_size,
+                       lambda w: (-len(users[w]), w))  # packed backward passes waste little
+    pass2 = batches
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="Grad-CAM++", unit="batch", leave=False)
+        pass2 = tqdm(batches, desc="Grad-CAM++", unit="batch", leave=False)
     with model_state_guard(model), capture_activations(module) as store:
+        # pass 1 (no gradients): the layer's activations of every window, and their sums
         for wb in batches:
+            store.clear()
+            with torch.no_grad():
+                model(window_inputs(plan, xp, wb))
+            if len(store) != 1:
+                raise ValueError(f"layer {layer!r} ran {len(store)} times in one forward pass")
+            for j, w in enumerate(wb):
+                acts[w] = store[0][j].detach().cpu()
+        store.clear()
+        sum_a = {t: sum(acts[w].reshape(acts[w].shape[0], -1).double().sum(1)
+                        for w in plan.target_windows[t]) for t in range(len(targets))}
+        # pass 2: gradients at the layer; each window's share of the weights is added at once
+        # (one backward carries a different target on each window row of the batch)
+        for wb in pass2:
             store.clear()
             inp = window_inputs(plan, xp, wb)
             with torch.enable_grad():
                 out = model(inp)
-            if len(store) != 1:
-                raise ValueError(f"layer {layer!r} ran {len(store)} times in one forward pass")
             A = store[0]
-            ts = sorted({t for w in wb for t in users[w]})
-            for i, t in enumerate(ts):
+            rounds = [[(j, w, users[w][r]) for j, w in enumerate(wb) if r < len(users[w])]
+                      for r in range(max(len(users[w]) for w in wb))]
+            for i, assign in enumerate(rounds):
                 cot = torch.zeros_like(out)
-                for j, w in enumerate(wb):
-                    if t in users[w]:
-                        cot[j, targets[t].class_index] = cotangent(plan, targets[t], w,
-                                                                   out.device)
-                (g,) = torch.autograd.grad(out, A, cot, retain_graph=i < len(ts) - 1)
-                for j, w in enumerate(wb):
-                    if t in users[w]:
-                        grads[(t, w)] = g[j].detach().cpu()
-            for j, w in enumerate(wb):
-                acts[w] = A[j].detach().cpu()
+                for j, w, t in assign:
+                    cot[j, targets[t].class_index] = cotangent(plan, targets[t], w, out.device)
+                (g,) = torch.autograd.grad(out, A, cot, retain_graph=i < len(rounds) - 1)
+                for j, w, t in assign:
+                    term = _weight_terms(g[j].detach().cpu(), sum_a[t])
+                    weights[t] = term if weights[t].numel() == 0 else weights[t] + term
             store.clear()
             del out, A
     results = []
     for t, tg in enumerate(targets):
         ws = plan.target_windows[t]
-        weights = gradcampp_weights(torch.stack([acts[w] for w in ws]),
-                                    torch.stack([grads.pop((t, w)) for w in ws]))
+        w_t = weights[t].float()
         region = plan.target_region(t)
         rshape = tuple(s.stop - s.start for s in region)
         num = torch.zeros(rshape, dtype=torch.float64)
         num_raw = torch.zeros(rshape, dtype=torch.float64)
         den = torch.zeros(rshape, dtype=torch.float64)
         for w in ws:
-            cam_w = torch.einsum("k,k...->...", weights, acts[w])[None]
+            cam_w = torch.einsum("k,k...->...", w_t, acts[w])[None]
             raw_w = _upsample(F.relu(cam_w), plan.windows[w][1])[0]  # ReLU, then upsample
             cam_w = _upsample(cam_w, plan.windows[w][1])[0]
             img_sl, win_sl = plan.window_image_part(w)
@@ -175,5 +200,5 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
         if signed:
             signed_map = torch.where(den > 0, num / safe_den, 0.0).float()
             maps["signed"] = SparseMap(region, signed_map[None].numpy(), shape)
-        results.append(InstanceSaliency(tg.name, "gradcampp", maps, len(ws), weights.numpy()))
+        results.append(InstanceSaliency(tg.name, "gradcampp", maps, len(ws), w_t.numpy()))
     return results
