@@ -122,7 +122,7 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
         loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
-        running.append(float(loss))
+        running.append(float(loss.detach()))
         if step % val_every == 0 or step == steps:
             rec = {"step": step, "loss": float(np.mean(running)), "time_s": time.time() - t0}
             running = []
