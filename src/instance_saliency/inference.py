@@ -30,6 +30,24 @@ def pad_to(x: torch.Tensor, padded_shape: Sequence[int], pad_before: Sequence[in
     return F.pad(x, pads)
 
 
+def window_image_part(start: Sequence[int], size: Sequence[int], pad_before: Sequence[int],
+                      image_shape: Sequence[int]) -> tuple[tuple, tuple]:
+    """Where a window (``start``, ``size`` in padded coordinates) meets the scan.
+
+    Returns
+    -------
+    (image slices, window slices)
+        The overlap in image coordinates and the same voxels in window coordinates.
+    """
+    img, win = [], []
+    for a, s, b, n in zip(start, size, pad_before, image_shape):
+        lo, hi = int(a) - int(b), int(a) - int(b) + int(s)
+        clo, chi = max(lo, 0), min(hi, int(n))
+        img.append(slice(clo, chi))
+        win.append(slice(clo - lo, chi - lo))
+    return tuple(img), tuple(win)
+
+
 @dataclass
 class WindowGrid:
     """Window positions and blending weights of sliding-window inference on one scan.
@@ -97,6 +115,10 @@ class WindowGrid:
         sl = tuple(slice(b, b + s) for b, s in zip(self.pad_before, self.image_shape))
         return x[(...,) + sl]
 
+    def window_image_part(self, w: int) -> tuple[tuple, tuple]:
+        """(image slices, window slices) of window ``w`` ∩ the scan."""
+        return window_image_part(self.starts[w], self.roi_size, self.pad_before, self.image_shape)
+
     def windows_touching(self, mask: np.ndarray) -> list[int]:
         """Indices of the windows that contain at least one voxel of ``mask`` (X, Y, Z).
 
@@ -112,9 +134,7 @@ class WindowGrid:
         roi = np.array(self.roi_size)
         for w, st in enumerate(self.starts):
             if np.all(st <= hi) and np.all(st + roi > lo):
-                sl = tuple(slice(int(a - b), int(a - b) + r) for a, b, r in
-                           zip(st, self.pad_before, self.roi_size))
-                if mask[tuple(slice(max(s.start, 0), s.stop) for s in sl)].any():
+                if mask[self.window_image_part(w)[0]].any():
                     out.append(w)
         return out
 

@@ -34,7 +34,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..inference import WindowGrid
+from ..inference import WindowGrid, window_image_part
 
 MODES = ("sliding", "patch", "whole")
 
@@ -172,13 +172,14 @@ class WindowPlan:
     def window_image_part(self, w: int) -> tuple[tuple, tuple]:
         """(slices in image coordinates, slices in window coordinates) of the window ∩ scan."""
         start, size = self.windows[w]
-        img, win = [], []
-        for a, s, b, n in zip(start, size, self.pad_before, self.image_shape):
-            lo, hi = a - b, a - b + s
-            clo, chi = max(lo, 0), min(hi, n)
-            img.append(slice(clo, chi))
-            win.append(slice(clo - lo, chi - lo))
-        return tuple(img), tuple(win)
+        return window_image_part(start, size, self.pad_before, self.image_shape)
+
+    def region_part(self, w: int, region: tuple) -> tuple[tuple, tuple]:
+        """(slices in ``region`` coordinates, slices in window coordinates) of window ``w``
+        ∩ the scan, for scattering a window's values into a map over ``region``."""
+        img_sl, win_sl = self.window_image_part(w)
+        return tuple(slice(a.start - r.start, a.stop - r.start)
+                     for a, r in zip(img_sl, region)), win_sl
 
     def target_region(self, t: int) -> tuple:
         """Bounding box (image coordinates) of the union of target ``t``'s windows."""
@@ -208,10 +209,7 @@ def _dominant_window(grid: WindowGrid, mask: np.ndarray) -> int:
     best, best_w = -1.0, 0
     for w in grid.windows_touching(mask):
         sl = grid.window_slices(w)
-        img = tuple(slice(max(a.start - b, 0), min(a.stop - b, n))
-                    for a, b, n in zip(sl, grid.pad_before, grid.image_shape))
-        win = tuple(slice(i.start - (a.start - b), i.stop - (a.start - b))
-                    for i, a, b in zip(img, sl, grid.pad_before))
+        img, win = grid.window_image_part(w)
         wt = (grid.importance / grid.norm[sl])[win].numpy()[mask[img]].sum()
         if wt > best:
             best, best_w = float(wt), w

@@ -187,8 +187,7 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
             cam_w = torch.einsum("k,k...->...", w_t, acts[w])[None]
             raw_w = _upsample(F.relu(cam_w), plan.windows[w][1])[0]  # ReLU, then upsample
             cam_w = _upsample(cam_w, plan.windows[w][1])[0]
-            img_sl, win_sl = plan.window_image_part(w)
-            dst = tuple(slice(a.start - r.start, a.stop - r.start) for a, r in zip(img_sl, region))
+            dst, win_sl = plan.region_part(w, region)
             imp = (plan.grid.importance if plan.grid is not None
                    else torch.ones(plan.windows[w][1]))[win_sl].double()
             num[dst] += imp * cam_w[win_sl].double()

@@ -91,9 +91,7 @@ def _grads_linear(model, plan: WindowPlan, xp: torch.Tensor, targets, active, re
                     cotangent(plan, targets[t], w, out.device)
             (g,) = torch.autograd.grad(out, inp, cot, retain_graph=i < len(rounds) - 1)
             for j, w, t in assign:
-                reg = regions[t]
-                img_sl, win_sl = plan.window_image_part(w)
-                dst = tuple(slice(a.start - r.start, a.stop - r.start) for a, r in zip(img_sl, reg))
+                dst, win_sl = plan.region_part(w, regions[t])
                 rows = g[j * S:(j + 1) * S][(slice(None), slice(None)) + win_sl].detach().cpu()
                 if into is None:
                     acc[t][(slice(None), slice(None)) + dst] += rows
@@ -131,8 +129,7 @@ def _grads_maxabs(model, plan: WindowPlan, xp: torch.Tensor, target, t: int, reg
         (g,) = torch.autograd.grad(out, inp, cot, retain_graph=n < len(voxels) - 1)
         tot = torch.zeros_like(best)
         for j, w in enumerate(ws):
-            img_sl, win_sl = plan.window_image_part(w)
-            dst = tuple(slice(a.start - r.start, a.stop - r.start) for a, r in zip(img_sl, region))
+            dst, win_sl = plan.region_part(w, region)
             tot[(slice(None), slice(None)) + dst] += \
                 g[j * S:(j + 1) * S][(slice(None), slice(None)) + win_sl].detach().cpu()
         best = torch.where(tot.abs() > best.abs(), tot, best)
@@ -167,8 +164,7 @@ def _grads_generic(model, plan: WindowPlan, xp: torch.Tensor, target, t: int, re
     (g,) = torch.autograd.grad(score, inp)
     acc = torch.zeros((S, C) + tuple(s.stop - s.start for s in region))
     for j, w in enumerate(ws):
-        img_sl, win_sl = plan.window_image_part(w)
-        dst = tuple(slice(a.start - r.start, a.stop - r.start) for a, r in zip(img_sl, region))
+        dst, win_sl = plan.region_part(w, region)
         acc[(slice(None), slice(None)) + dst] += \
             g[j * S:(j + 1) * S][(slice(None), slice(None)) + win_sl].detach()
     return acc
