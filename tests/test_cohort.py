@@ -175,7 +175,7 @@ def test_manifest_missing_column(tmp_path):
 
 
 def test_shards_partition_deterministically():
-    cases = [cohort.Case(f"s{k}", Path("f"), Path("m")) for k in (5, 1, 3, 0, 6, 2, 4)]
+    cases = [cohort.Case(f"s{k}", (Path("f"), Path("m"))) for k in (5, 1, 3, 0, 6, 2, 4)]
     parts = [cohort.shard_cases(cases, (i, 3)) for i in (1, 2, 3)]
     assert [c.subject for c in parts[0]] == ["s0", "s3", "s6"]
     assert [c.subject for c in parts[1]] == ["s1", "s4"]

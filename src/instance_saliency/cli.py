@@ -55,6 +55,11 @@ def _check_train_options(a) -> dict:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     if not (a.lr > 0 and a.lr < float("inf")):
         raise InputError("--lr must be a positive number")
+    if not (0 <= a.ema_decay < 1):
+        raise InputError("--ema-decay must be in [0, 1)")
+    for name in ("warmup", "checkpoint_every", "stop_after"):
+        if getattr(a, name) < 0:
+            raise InputError(f"--{name.replace('_', '-')} must not be negative")
     arch_args = {}
     if a.channels:
         try:
@@ -85,6 +90,11 @@ def cmd_train(a) -> int:
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a folder")
+    if a.resume and a.overwrite:
+        raise InputError("--resume and --overwrite exclude each other")
+    if a.resume and not (out / "train_state.pt").is_file():
+        raise InputError(f"--resume: {out / 'train_state.pt'} not found (no interrupted run "
+                         f"in {out})")
     if ((out / CONFIG_NAME).exists() or (out / WEIGHTS_NAME).exists()) and not a.overwrite:
         raise OutputError(f"output folder {out} already holds a trained model; use --overwrite "
                           f"to replace")
@@ -107,7 +117,8 @@ def cmd_train(a) -> int:
     except OSError as e:
         raise OutputError(f"cannot write into {out}: {e.strerror or e}") from None
     if a.overwrite:  # nothing of the replaced model is mixed into the new one
-        for name in (CONFIG_NAME, WEIGHTS_NAME, "history.json", "train.log"):
+        for name in (CONFIG_NAME, WEIGHTS_NAME, "history.json", "history.png", "train.log",
+                     "train_state.pt"):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "last", ignore_errors=True)
     data = f"train={a.train_subjects} val={a.val_subjects}"
@@ -116,16 +127,25 @@ def cmd_train(a) -> int:
     try:
         summary = train(tr, va, out, architecture=a.architecture, arguments=arch_args,
                         roi_size=[a.roi] * 3, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                        val_every=a.val_every, seed=a.seed,
+                        val_every=a.val_every, seed=a.seed, recipe=a.recipe,
+                        ema_decay=a.ema_decay, warmup=a.warmup,
+                        checkpoint_every=a.checkpoint_every, resume=a.resume,
+                        stop_after=a.stop_after or None, save_val_prob=a.save_val_prob,
                         command="instance-saliency "
                         + " ".join(shlex.quote(x) for x in sys.argv[1:]),
                         data_description=data)
     except BaseException:
-        if created and not (out / CONFIG_NAME).exists():  # no checkpoint yet: leave nothing
-            shutil.rmtree(out, ignore_errors=True)
+        if created and not (out / CONFIG_NAME).exists() and not (out / "train_state.pt").exists():
+            shutil.rmtree(out, ignore_errors=True)  # no checkpoint yet: leave nothing
         raise
-    print(f"best validation nDSC {summary['best_val_ndsc']} at step {summary['best_step']}; "
-          f"checkpoint in {a.out}")
+    if "stopped_at" in summary:
+        print(f"stopped at step {summary['stopped_at']}; continue with --resume (state in "
+              f"{out / 'train_state.pt'})")
+        return 0
+    val = summary.get("val_at_last") or []
+    figs = ", ".join(f"nDSC {r['ndsc']:.3f} lesion F1 {r['lesion_f1']:.3f}" for r in val)
+    print(f"trained {summary['steps']} steps ({summary['weights']} weights)"
+          + (f"; validation at the last step: {figs}" if figs else "") + f"; model in {a.out}")
     return 0
 
 
@@ -139,14 +159,39 @@ def _explain_config(a):
         matching=a.matching, iou_threshold=a.iou_threshold, threshold=a.threshold,
         cam_layer=a.cam_layer, seed=a.seed, batch_size=a.batch_size,
         sw_batch_size=a.sw_batch_size, max_instances=a.max_instances,
-        figures=not a.no_figures, device=a.device)
+        figures=not a.no_figures, device=a.device, **_model_options(a))
+
+
+def _model_options(a) -> dict:
+    """nnU-Net / ensemble options of the command line, as ExplainConfig fields."""
+    return {"folds": tuple(a.folds) if a.folds else None, "checkpoint": a.checkpoint,
+            "mirroring": False if a.no_mirroring else None, "step_size": a.step_size,
+            "lesion_label": a.lesion_label}
+
+
+def _load_model_from_args(a):
+    from .explain import check_device
+    from .models import load_model
+
+    check_device(a.device)
+    opts = _model_options(a)
+    if opts["step_size"] is not None and not (0 < opts["step_size"] <= 1):
+        raise InputError("--step-size must lie in (0, 1]")
+    model = load_model(a.model, a.device, folds=list(opts["folds"]) if opts["folds"] else None,
+                       checkpoint=opts["checkpoint"], mirroring=opts["mirroring"],
+                       step_size=opts["step_size"], lesion_label=opts["lesion_label"])
+    for w in model.warnings:
+        print(f"instance-saliency: warning: {w}", file=sys.stderr)
+    return model
 
 
 def cmd_explain(a) -> int:
     from .explain import explain
+    from .models.channels import parse_image_options
 
-    explain(a.flair, a.mprage, a.out, mask=a.mask, model_dir=a.model,
-            config=_explain_config(a), overwrite=a.overwrite, progress=not a.quiet)
+    images = parse_image_options(a.image, a.flair, a.mprage)
+    explain(None, None, a.out, mask=a.mask, model_dir=a.model, config=_explain_config(a),
+            overwrite=a.overwrite, progress=not a.quiet, images=images)
     return 0
 
 
@@ -172,22 +217,22 @@ def cmd_demo(a) -> int:
 
 def cmd_predict(a) -> int:
     import numpy as np
+    import torch
 
-    from .inference import predict_probability
-    from .io import load_subject, save_map, zscore_nonzero
-    from .models import load_checkpoint
+    from .inference import sliding_window_logits
+    from .io import load_images, save_map
+    from .models.base import check_lesion_class
+    from .models.channels import match_channels, parse_image_options
 
-    from .explain import _check_model_channels, check_device
-
-    check_device(a.device)
-    s = load_subject(a.flair, a.mprage)
-    model, cfg = load_checkpoint(a.model, a.device)
-
-    _check_model_channels(cfg, s.image.shape[0], a.model)
+    images = parse_image_options(a.image, a.flair, a.mprage)
     if a.sw_batch_size < 1:
         raise InputError("--sw-batch-size must be at least 1")
     if a.threshold is not None and not (0 < a.threshold < 1):
         raise InputError("--threshold must lie strictly between 0 and 1")
+    model = _load_model_from_args(a)
+    ordered = match_channels(model.channels, images,
+                             f"model {a.model}" if a.model else "the shipped model")
+    s = load_images(ordered, model.channels)
     out = Path(a.out)
     if out.name.endswith((".nii", ".nii.gz")):
         mask_path = out
@@ -196,25 +241,31 @@ def cmd_predict(a) -> int:
         if out.exists() and not out.is_dir():
             raise OutputError(f"output {out} exists and is not a folder")
         mask_path, prob_path = out / "prediction_mask.nii.gz", out / "prediction_prob.nii.gz"
-    import os
-
     for p in (mask_path, prob_path):
-        if any(os.path.realpath(p) == os.path.realpath(i) for i in (a.flair, a.mprage)):
+        if any(os.path.realpath(p) == os.path.realpath(i) for i in ordered):
             raise OutputError(f"output {p} would overwrite an input; choose another --out")
     existing = [p for p in (mask_path, prob_path) if p.exists()]
     if existing and not a.overwrite:
         raise OutputError(f"{existing[0]} already exists; use --overwrite to replace")
     try:
-        prob = predict_probability(model, zscore_nonzero(s.image), cfg.roi_size, cfg.overlap,
-                                   cfg.lesion_class, a.sw_batch_size, a.device, not a.quiet)
+        prep = model.prepare(s.image, s.spacing, affine=s.affine)
+        x = torch.from_numpy(prep.x).to(a.device)
+        with torch.no_grad():
+            logits = sliding_window_logits(model.network, x[None], model.grid(prep.x.shape[1:]),
+                                           a.sw_batch_size, not a.quiet)
+        check_lesion_class(model, logits.shape[1])
+        probs = prep.probabilities(logits[0].cpu().numpy())
     except (RuntimeError, IndexError) as e:
         raise ModelError(f"the model ({a.model or 'shipped default'}) failed on this input: "
                          f"{str(e).splitlines()[0]}") from None
-    thr = a.threshold if a.threshold is not None else cfg.threshold
+    prob = probs[model.lesion_class]
+    mask = model.segment(probs, a.threshold)
+    rule = f"threshold {a.threshold if a.threshold is not None else model.threshold}" \
+        if a.threshold is not None or model.decision != "argmax" else "argmax"
     # each file is written atomically; the mask (the result) last
     save_map(prob_path, prob, s.affine, s.header)
-    save_map(mask_path, (prob >= thr).astype(np.uint8), s.affine, s.header, np.uint8)
-    print(f"{int((prob >= thr).sum())} lesion voxels at threshold {thr}; written {mask_path}")
+    save_map(mask_path, mask.astype(np.uint8), s.affine, s.header, np.uint8)
+    print(f"{int(mask.sum())} lesion voxels ({rule}); written {mask_path}")
     return 0
 
 
@@ -282,11 +333,37 @@ def cmd_analyze(a) -> int:
     return 0
 
 
+def _add_model_options(e) -> None:
+    e.add_argument("--model", help="model folder: an instance-saliency checkpoint or an nnU-Net "
+                   "v2 trained-model folder (dataset.json, plans.json, fold_N/); default: the "
+                   "shipped model")
+    e.add_argument("--folds", nargs="+", metavar="F",
+                   help="nnU-Net folds to average (default: every fold present)")
+    e.add_argument("--checkpoint", help="nnU-Net checkpoint file name (default "
+                   "checkpoint_final.pth)")
+    e.add_argument("--no-mirroring", action="store_true",
+                   help="no test-time mirroring (default: as the model allows; nnU-Net: on)")
+    e.add_argument("--step-size", type=float, default=None,
+                   help="nnU-Net tile step size as a fraction of the patch (default 0.5)")
+    e.add_argument("--lesion-label", help="lesion label of an nnU-Net model, by name or value "
+                   "(default: its only foreground label)")
+
+
+def _add_image_options(e, required: bool = False) -> None:
+    e.add_argument("--image", action="append", metavar="NAME=FILE",
+                   help="an input channel by name, e.g. --image FLAIR=flair.nii.gz --image "
+                   "T1=t1.nii.gz (repeat; names as the model declares them; T1/T1w/MPRAGE and "
+                   "FLAIR/T2-FLAIR are synonyms)")
+    e.add_argument("--flair", help="FLAIR NIfTI (shortcut for --image FLAIR=FILE)")
+    e.add_argument("--mprage", help="MPRAGE (T1-weighted) NIfTI on the same grid (shortcut for "
+                   "--image MPRAGE=FILE)")
+
+
 def _add_explain_options(e, **overrides) -> None:
     from .explain import METHODS, ExplainConfig
 
     d = ExplainConfig(**overrides)
-    e.add_argument("--model", help="checkpoint folder (default: the shipped model)")
+    _add_model_options(e)
     e.add_argument("--methods", default=",".join(d.methods),
                    help=f"comma-separated, from {','.join(METHODS)} (default: all)")
     e.add_argument("--n-samples", type=int, default=d.n_samples,
@@ -306,8 +383,9 @@ def _add_explain_options(e, **overrides) -> None:
                    help="TP/FP/FN rule: any overlap (seed paper) or IoU >= --iou-threshold")
     e.add_argument("--iou-threshold", type=float, default=d.iou_threshold)
     e.add_argument("--threshold", type=float, default=None,
-                   help="lesion probability threshold (default: the checkpoint's)")
-    e.add_argument("--cam-layer", help="Grad-CAM++ layer name (default: per architecture)")
+                   help="lesion probability threshold (default: the checkpoint's; nnU-Net: argmax)")
+    e.add_argument("--cam-layer", help="Grad-CAM++ layer name (default: per model, a decoder "
+                   "level at 1/2 resolution)")
     e.add_argument("--seed", type=int, default=d.seed)
     e.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="noise samples per chunk (memory only; same results)")
@@ -347,6 +425,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--val-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--recipe", default="v2", choices=["v1", "v2"],
+                   help="augmentation recipe (v2: spatial + intensity augmentation; see the "
+                   "model card)")
+    t.add_argument("--ema-decay", type=float, default=0.999,
+                   help="EMA of the weights, saved instead of the last step (0 = off)")
+    t.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps "
+                   "(then cosine decay)")
+    t.add_argument("--checkpoint-every", type=int, default=100,
+                   help="write a resumable state (train_state.pt) every N steps")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out exactly where it stopped")
+    t.add_argument("--stop-after", type=int, default=0,
+                   help="stop after this step with a resumable state (0 = run to --steps)")
+    t.add_argument("--save-val-prob", action="store_true",
+                   help="save the last validation probability maps (val_prob_<i>.nii.gz)")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     t.add_argument("--data-dir", help="local mirror of the public scans "
                    "(default: $INSTANCE_SALIENCY_DATA)")
@@ -356,8 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("explain", help="explain every lesion of one scan (the main job)")
-    e.add_argument("--flair", required=True, help="FLAIR NIfTI")
-    e.add_argument("--mprage", required=True, help="MPRAGE (T1-weighted) NIfTI on the same grid")
+    _add_image_options(e)
     e.add_argument("--mask", help="ground-truth lesion mask: TP/FP/FN labels and FN lesions")
     e.add_argument("--out", required=True, help="output folder")
     _add_explain_options(e)
@@ -373,9 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     pr = sub.add_parser("predict", help="sliding-window lesion segmentation of one scan")
-    pr.add_argument("--flair", required=True)
-    pr.add_argument("--mprage", required=True)
-    pr.add_argument("--model", help="checkpoint folder (default: the shipped model)")
+    _add_image_options(pr)
+    _add_model_options(pr)
     pr.add_argument("--out", required=True, help="output folder (or a .nii.gz mask path)")
     pr.add_argument("--threshold", type=float, default=None)
     pr.add_argument("--sw-batch-size", type=int, default=4)

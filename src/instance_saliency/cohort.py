@@ -11,10 +11,12 @@ of several (then run ``instance-saliency analyze OUT`` once all shards are done)
 
 Datasets are given as
 
-* an nnU-Net raw folder: ``imagesTs/<case>_0000.nii.gz`` (FLAIR), ``<case>_0001.nii.gz``
-  (MPRAGE), optional ``labelsTs/<case>.nii.gz`` (ground-truth lesion mask); ``imagesTr`` /
-  ``labelsTr`` are used when there is no ``imagesTs``; or
-* a CSV manifest with columns ``subject, flair, mprage`` and optional ``mask`` (may be empty):
+* an nnU-Net raw folder: ``imagesTs/<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... (the
+  model's channels in order: FLAIR, MPRAGE for the shipped model), optional
+  ``labelsTs/<case>.nii.gz`` (ground-truth lesion mask); ``imagesTr`` / ``labelsTr`` are used
+  when there is no ``imagesTs``; or
+* a CSV manifest with columns ``subject``, one column per model channel (named as the channel,
+  synonyms allowed: ``flair``, ``mprage`` or ``t1``, ...) and optional ``mask`` (may be empty):
   relative paths are relative to the manifest's folder, which is also the data root that no
   path may leave (after resolving ``..`` and symbolic links) unless ``allow_outside_root``.
 """
@@ -33,6 +35,7 @@ from pathlib import Path
 
 from .errors import InputError, InstanceSaliencyError, OutputError
 from .explain import RUN_FILE, ExplainConfig, explain
+from .io import CHANNELS
 
 __all__ = ["Case", "discover_cases", "read_manifest", "resolve_manifest_path", "parse_shard",
            "shard_cases", "run_cohort", "SUBJECTS_DIR", "FAILURES_FILE"]
@@ -48,12 +51,31 @@ _NEUTRAL = {"batch_size", "sw_batch_size", "device", "figures"}
 
 @dataclass(frozen=True)
 class Case:
-    """One subject of a cohort: its name (the output folder name) and input files."""
+    """One subject of a cohort: its name (the output folder name) and input files.
+
+    Attributes
+    ----------
+    subject : str
+    images : tuple of Path
+        One file per channel, in the order of ``channels`` (the model's).
+    mask : Path or None
+    channels : tuple of str
+    """
 
     subject: str
-    flair: Path
-    mprage: Path
+    images: tuple
     mask: Path | None = None
+    channels: tuple = CHANNELS
+
+    @property
+    def flair(self) -> Path:
+        """The first channel's file (FLAIR for the shipped model)."""
+        return self.images[0]
+
+    @property
+    def mprage(self) -> Path:
+        """The second channel's file (MPRAGE for the shipped model)."""
+        return self.images[1]
 
 
 def _check_names(cases: list, where: str) -> None:
@@ -69,32 +91,32 @@ def _check_names(cases: list, where: str) -> None:
         seen[key] = c.subject
 
 
-def _nnunet_cases(root: Path) -> list:
+def _nnunet_cases(root: Path, channels=CHANNELS) -> list:
     split = "Ts" if (root / "imagesTs").is_dir() else "Tr"
     images, labels = root / f"images{split}", root / f"labels{split}"
     if not images.is_dir():
         raise InputError(f"{root}: neither imagesTs/ nor imagesTr/ (nnU-Net raw layout) found; "
                          f"give a folder in that layout or a CSV manifest")
-    channels: dict = {}
+    found: dict = {}
     for f in sorted(images.iterdir()):
         if f.name.startswith(".") or not _NIFTI.search(f.name):
             continue
         m = _NNUNET_FILE.match(f.name)
         if not m:
             raise InputError(f"{f}: not named <case>_XXXX.nii.gz (nnU-Net raw layout)")
-        channels.setdefault(m["case"], {})[int(m["ch"])] = f
-    if not channels:
+        found.setdefault(m["case"], {})[int(m["ch"])] = f
+    if not found:
         raise InputError(f"{images}: no <case>_0000.nii.gz images found")
     cases = []
-    for name, ch in sorted(channels.items()):
-        if 0 not in ch:
-            raise InputError(f"case {name!r} in {images} has no FLAIR image ({name}_0000.nii.gz)")
-        if 1 not in ch:
-            raise InputError(f"case {name!r} in {images} has no MPRAGE image "
-                             f"({name}_0001.nii.gz)")
+    for name, ch in sorted(found.items()):
+        for k, cname in enumerate(channels):
+            if k not in ch:
+                raise InputError(f"case {name!r} in {images} has no {cname} image "
+                                 f"({name}_{k:04d}.nii.gz)")
         mask = next((p for p in (labels / f"{name}.nii.gz", labels / f"{name}.nii")
                      if p.is_file()), None)
-        cases.append(Case(name, ch[0], ch[1], mask))
+        cases.append(Case(name, tuple(ch[k] for k in range(len(channels))), mask,
+                          tuple(channels)))
     _check_names(cases, str(images))
     return cases
 
@@ -169,41 +191,56 @@ def resolve_manifest_path(manifest: str | os.PathLike, value: str, allow_outside
     return p
 
 
-def _manifest_cases(manifest: Path, allow_outside_root: bool) -> list:
-    df = read_manifest(manifest, ("subject", "flair", "mprage"), "subject,flair,mprage[,mask]")
+def _manifest_cases(manifest: Path, allow_outside_root: bool, channels=CHANNELS) -> list:
+    from .models.channels import canonical
+
+    usage = "subject," + ",".join(c.lower() for c in channels) + "[,mask]"
+    df = read_manifest(manifest, ("subject",), usage)
+    cols = []
+    for ch in channels:  # a column per channel, by name or synonym (mprage = t1, ...)
+        hit = [c for c in df.columns if c not in ("subject", "mask")
+               and canonical(c) == canonical(ch)]
+        if not hit:
+            raise InputError(f"manifest {manifest} lacks column {ch.lower()} (channel {ch}) "
+                             f"(needs {usage})")
+        cols.append(hit[0])
     cases = []
     for i, r in enumerate(df.to_dict(orient="records"), start=1):
         subject = r["subject"].strip()
         where = f"manifest {manifest.name} row {i} (subject {subject!r})"
         if not subject:
             raise InputError(f"manifest {manifest.name} row {i}: empty subject name")
-        paths = {}
-        for col in ("flair", "mprage", "mask"):
+        files = []
+        for col, ch in zip(cols, channels):
             v = str(r.get(col, "") or "").strip()
             if not v:
-                if col == "mask":
-                    paths[col] = None
-                    continue
-                raise InputError(f"{where}: no {col.upper()} path")
-            paths[col] = resolve_manifest_path(manifest, v, allow_outside_root,
-                                               f"{where}: {col}")
-        cases.append(Case(subject, paths["flair"], paths["mprage"], paths["mask"]))
+                raise InputError(f"{where}: no {ch} path")
+            files.append(resolve_manifest_path(manifest, v, allow_outside_root,
+                                               f"{where}: {col}"))
+        v = str(r.get("mask", "") or "").strip()
+        mask = resolve_manifest_path(manifest, v, allow_outside_root, f"{where}: mask") \
+            if v else None
+        cases.append(Case(subject, tuple(files), mask, tuple(channels)))
     _check_names(cases, f"manifest {manifest.name}")
     return cases
 
 
-def discover_cases(data: str | os.PathLike, allow_outside_root: bool = False) -> list:
+def discover_cases(data: str | os.PathLike, allow_outside_root: bool = False,
+                   channels=CHANNELS) -> list:
     """List the subjects of a dataset folder (nnU-Net raw layout) or CSV manifest.
 
     Parameters
     ----------
     data : path
         Folder with ``imagesTs/`` (else ``imagesTr/``) and optional ``labelsTs/``
-        (``labelsTr/``), files ``<case>_0000.nii.gz`` = FLAIR, ``<case>_0001.nii.gz`` =
-        MPRAGE, ``<case>.nii.gz`` = mask (channels beyond ``_0001`` are ignored); or a CSV file
-        with columns ``subject, flair, mprage`` and optional ``mask``.
+        (``labelsTr/``), files ``<case>_0000.nii.gz`` = first channel, ``<case>_0001.nii.gz``
+        = second channel, ..., ``<case>.nii.gz`` = mask (channels beyond the model's are
+        ignored); or a CSV file with columns ``subject``, one per channel (by name or
+        synonym, e.g. ``flair, mprage``) and optional ``mask``.
     allow_outside_root : bool
         Allow manifest paths outside the manifest's folder.
+    channels : sequence of str
+        The model's input channels, in order (default FLAIR, MPRAGE).
 
     Returns
     -------
@@ -213,15 +250,15 @@ def discover_cases(data: str | os.PathLike, allow_outside_root: bool = False) ->
     Raises
     ------
     InputError
-        ``data`` missing; a case without FLAIR or MPRAGE; a manifest row with a missing file,
+        ``data`` missing; a case without one of the channels; a manifest row with a missing file,
         a missing column, or (without ``allow_outside_root``) a path outside the data root;
         subject names that are not unique or not safe as folder names.
     """
     data = Path(data)
     if data.is_dir():
-        cases = _nnunet_cases(data)
+        cases = _nnunet_cases(data, tuple(channels))
     elif data.is_file():
-        cases = _manifest_cases(data, allow_outside_root)
+        cases = _manifest_cases(data, allow_outside_root, tuple(channels))
     else:
         raise InputError(f"dataset {data} not found (give a folder in nnU-Net raw layout or a "
                          f"CSV manifest)")
@@ -414,14 +451,16 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a folder")
-    cases = discover_cases(data, allow_outside_root)
-    mine = shard_cases(cases, shard)
     # a missing or broken model is refused once, before any subject and any output
-    from .explain import _check_model_channels
-    from .io import CHANNELS
-    from .models import load_checkpoint
+    from .explain import check_device
+    from .models import load_model
 
-    _check_model_channels(load_checkpoint(model_dir)[1], len(CHANNELS), model_dir)
+    check_device(config.device)
+    model = load_model(model_dir, config.device, **config.model_options())
+    for w in model.warnings:
+        log(f"warning: {w}")
+    cases = discover_cases(data, allow_outside_root, model.channels)
+    mine = shard_cases(cases, shard)
     sub = out / SUBJECTS_DIR
     try:
         sub.mkdir(parents=True, exist_ok=True)
@@ -451,9 +490,10 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
                 skipped.append(c.subject)
                 continue
             try:
-                explain(c.flair, c.mprage, target, mask=c.mask, model_dir=model_folder,
+                explain(None, None, target, mask=c.mask, model_dir=model_folder,
                         config=config, overwrite=overwrite, progress=False,
-                        log=lambda m, s=c.subject: say(f"{s}: {m}"))
+                        log=lambda m, s=c.subject: say(f"{s}: {m}"),
+                        images=dict(zip(c.channels, c.images)), model=model)
             except InstanceSaliencyError as e:
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                 failed[c.subject] = {"error": type(e).__name__, "message": msg,

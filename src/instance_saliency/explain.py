@@ -53,7 +53,10 @@ class ExplainConfig:
     threshold : float or None
         Probability threshold of the mask; ``None`` = the checkpoint's.
     cam_layer : str or None
-        Grad-CAM++ layer; ``None`` = the architecture's default.
+        Grad-CAM++ layer; ``None`` = the model's default.
+    folds, checkpoint, mirroring, step_size, lesion_label
+        Model options (nnU-Net folds, checkpoint name, test-time mirroring, tile step size,
+        lesion label); ``None`` = the model's defaults (:func:`instance_saliency.models.load_model`).
     max_instances : int
         Refuse scans with more instances than this (raise ``min_size`` or this limit).
     figures : bool
@@ -81,6 +84,11 @@ class ExplainConfig:
     profile_bins_mm: tuple = tuple(range(-3, 9))
     figures: bool = True
     device: str = "cpu"
+    folds: tuple | None = None
+    checkpoint: str | None = None
+    mirroring: bool | None = None
+    step_size: float | None = None
+    lesion_label: str | None = None
 
     def validate(self) -> None:
         """Raise :class:`InputError` for out-of-range parameters."""
@@ -107,6 +115,14 @@ class ExplainConfig:
             raise InputError("--min-size must be a finite number >= 0")
         if not (0 < self.iou_threshold <= 1):
             raise InputError("--iou-threshold must lie in (0, 1]")
+        if self.step_size is not None and not (0 < self.step_size <= 1):
+            raise InputError("--step-size must lie in (0, 1]")
+
+    def model_options(self) -> dict:
+        """Keyword arguments of :func:`instance_saliency.models.load_model`."""
+        return {"folds": list(self.folds) if self.folds else None,
+                "checkpoint": self.checkpoint, "mirroring": self.mirroring,
+                "step_size": self.step_size, "lesion_label": self.lesion_label}
 
 
 def _versions() -> dict:
@@ -264,49 +280,52 @@ def check_device(device: str) -> None:
         raise InputError(f"--device {device}: not available here")
 
 
-def _check_model_channels(cfg, n_channels: int, model_dir=None) -> None:
-    if len(cfg.channels) != n_channels:
-        where = f" {model_dir}" if model_dir is not None else ""
-        raise ModelError(f"model{where} expects {len(cfg.channels)} input channel(s) "
-                         f"{cfg.channels}, but {n_channels} were given (FLAIR, MPRAGE)")
-
-
-def table_columns(methods: Sequence[str] = METHODS) -> list:
-    """Columns of ``instances.csv`` for ``methods``, in order (also the header of a run
-    without any lesion instance)."""
+def table_columns(methods: Sequence[str] = METHODS, channels: Sequence[str] | None = None
+                  ) -> list:
+    """Columns of ``instances.csv`` for ``methods`` and the model's input ``channels`` (default
+    FLAIR, MPRAGE), in order (also the header of a run without any lesion instance)."""
     from .instances import Instance
     from .io import CHANNELS
+    from .models.channels import column_name
     from .quantify import quantify_columns
 
+    chans = [column_name(c) for c in (channels or CHANNELS)]
     zero = (0, 0, 0)
     cols = list(Instance(0, "unknown", "pred", 0, 0, 0.0, zero, zero, zero, zero).to_dict())
     cols += ["prob_mean", "prob_max"]
     for m in METHODS:
         if m in methods:
-            chans = CHANNELS if m == "smoothgrad" else ("CAM",)
-            cols += quantify_columns(m, chans) + [f"{m}_n_windows"]
+            ch = chans if m == "smoothgrad" else ("CAM",)
+            cols += quantify_columns(m, ch) + [f"{m}_n_windows"]
     return cols
 
 
-def explain(flair: str | os.PathLike, mprage: str | os.PathLike, out: str | os.PathLike,
-            mask: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None,
-            config: ExplainConfig | None = None, overwrite: bool = False,
-            progress: bool = True, log=print) -> dict:
+def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
+            out: str | os.PathLike, mask: str | os.PathLike | None = None,
+            model_dir: str | os.PathLike | None = None, config: ExplainConfig | None = None,
+            overwrite: bool = False, progress: bool = True, log=print,
+            images: dict | None = None, model=None) -> dict:
     """Explain every lesion instance of one scan and write the results into ``out``.
 
     Parameters
     ----------
-    flair, mprage : path
-        Co-registered, skull-stripped 3D NIfTI images on one grid.
+    flair, mprage : path or None
+        Co-registered, skull-stripped 3D NIfTI images on one grid (shortcuts for
+        ``images={"FLAIR": flair, "MPRAGE": mprage}``; ``None`` when not given).
     out : path
         Output folder (see the README for its files).
     mask : path, optional
         Ground-truth lesion mask: enables TP/FP/FN labels and FN instance maps.
     model_dir : path, optional
-        Checkpoint folder; default: the shipped model.
+        Checkpoint folder or nnU-Net v2 trained-model folder; default: the shipped model.
     config : ExplainConfig
     overwrite : bool
         Replace a finished run in ``out``.
+    images : dict of str -> path, optional
+        Images by channel name (matched to the model's channels, see
+        :func:`instance_saliency.models.channels.match_channels`), besides ``flair``/``mprage``.
+    model : SegmentationModel, optional
+        An already loaded model (then ``model_dir`` only names it in ``run.json``).
 
     Returns
     -------
@@ -316,16 +335,19 @@ def explain(flair: str | os.PathLike, mprage: str | os.PathLike, out: str | os.P
     Raises
     ------
     InputError, ModelError, OutputError
-        Bad inputs, checkpoint or output folder; nothing is left in ``out`` then.
+        Bad inputs, model or output folder, a missing or unknown channel; nothing is left in
+        ``out`` then.
     """
     import pandas as pd
     import torch
 
     from . import datasets
-    from .inference import WindowGrid, sliding_window_logits
+    from .inference import sliding_window_logits
     from .instances import find_instances
-    from .io import CHANNELS, atomic_write_text, load_subject, save_map, zscore_nonzero
-    from .models import DEFAULT_CAM_LAYER, load_checkpoint
+    from .io import atomic_write_text, load_images, save_map
+    from .models import load_model
+    from .models.base import check_lesion_class
+    from .models.channels import column_name, match_channels
     from .quantify import distance_profile, quantify_instance
     from .saliency import gradcampp, smoothgrad
     from .targets import InstanceTarget
@@ -336,40 +358,56 @@ def explain(flair: str | os.PathLike, mprage: str | os.PathLike, out: str | os.P
     timings: dict = {}
     t_all = time.time()
     check_device(cfg.device)
-    subj = load_subject(flair, mprage, mask)
-    model, mcfg = load_checkpoint(model_dir, cfg.device)
-    _check_model_channels(mcfg, subj.image.shape[0], model_dir)
-    threshold = cfg.threshold if cfg.threshold is not None else mcfg.threshold
-    cam_layer = cfg.cam_layer or DEFAULT_CAM_LAYER.get(mcfg.architecture)
+    given = dict(images or {})
+    for name, path in (("FLAIR", flair), ("MPRAGE", mprage)):
+        if path is not None:
+            given[name] = path
+    if not given:
+        raise InputError("no input image given")
+    loaded_here = model is None
+    if loaded_here:
+        model = load_model(model_dir, cfg.device, **cfg.model_options())
+    else:
+        model.to(cfg.device)
+    model_name = f"model {model_dir}" if model_dir is not None else f"the {model.source} model"
+    ordered = match_channels(model.channels, given, model_name)
+    subj = load_images(ordered, model.channels, mask)
+    threshold = cfg.threshold if cfg.threshold is not None else model.threshold
+    decision = "threshold" if cfg.threshold is not None or model.decision != "argmax" \
+        else "argmax"
+    cam_layer = cfg.cam_layer or model.cam_layer
     if "gradcampp" in cfg.methods:
         if cam_layer is None:
-            raise InputError(f"no default Grad-CAM++ layer for {mcfg.architecture}; "
+            raise InputError(f"no default Grad-CAM++ layer for this model ({model.source}); "
                              "give --cam-layer")
-        names = dict(model.named_modules())
+        names = dict(model.members[0].net.named_modules())
         if cam_layer not in names:
             conv = [n for n, m in names.items() if n and isinstance(
                 m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
             raise InputError(f"Grad-CAM++ layer {cam_layer!r} is not in this model; give "
                              f"--cam-layer, e.g. one of the last convolutions: {conv[-4:]}")
-    inputs = (flair, mprage, mask, model_dir)
+    inputs = tuple(ordered) + (mask, model_dir)
     stage = prepare_output(out, overwrite, inputs)
+    for w in model.warnings if loaded_here else ():
+        log(f"warning: {w}")
     try:
-        x = zscore_nonzero(subj.image)
-        xt = torch.from_numpy(x).to(cfg.device)
-        grid = WindowGrid.create(subj.shape, mcfg.roi_size, mcfg.overlap)
         t0 = time.time()
+        prep = model.prepare(subj.image, subj.spacing, affine=subj.affine)
+        xt = torch.from_numpy(prep.x).to(cfg.device)
+        grid = model.grid(prep.x.shape[1:])
         try:
             with torch.no_grad():
-                logits = sliding_window_logits(model, xt[None], grid, cfg.sw_batch_size, progress)
+                logits = sliding_window_logits(model.network, xt[None], grid, cfg.sw_batch_size,
+                                               progress)
         except RuntimeError as e:
-            raise ModelError(f"the model ({model_dir or 'shipped default'}) failed on this "
-                             f"input: {str(e).splitlines()[0]}") from None
-        if logits.shape[1] <= mcfg.lesion_class:
-            raise ModelError(f"model returns {logits.shape[1]} output channels; lesion class "
-                             f"{mcfg.lesion_class} does not exist")
-        prob = torch.softmax(logits, 1)[0, mcfg.lesion_class].cpu().numpy().astype(np.float32)
+            raise ModelError(f"the model ({model.source}) failed on this input: "
+                             f"{str(e).splitlines()[0]}") from None
+        check_lesion_class(model, logits.shape[1])
+        probs = prep.probabilities(logits[0].cpu().numpy())
         del logits
-        pred = prob >= threshold
+        prob = np.ascontiguousarray(probs[model.lesion_class], dtype=np.float32)
+        pred = model.segment(probs, cfg.threshold)
+        del probs
         timings["predict_s"] = round(time.time() - t0, 2)
         iset = find_instances(pred, subj.mask, subj.affine, subj.spacing, cfg.connectivity,
                               cfg.min_size, cfg.min_size_unit, cfg.matching, cfg.iou_threshold)
@@ -383,21 +421,28 @@ def explain(flair: str | os.PathLike, mprage: str | os.PathLike, out: str | os.P
         save_map(stage / "instances.nii.gz", iset.label_map, subj.affine, subj.header, np.int32)
         insts = iset.instances
         masks = [iset.mask(i) for i in insts]
-        targets = [InstanceTarget(m, mcfg.lesion_class, cfg.reduction, name=f"lesion_{i.label:03d}")
-                   for m, i in zip(masks, insts)]
         rows = []
         for i, m in zip(insts, masks):
             r = i.to_dict()
             r["prob_mean"] = float(prob[m].mean())
             r["prob_max"] = float(prob[m].max())
             rows.append(r)
+        # instance targets on the network's grid (the same voxels when no resampling)
+        net_masks = [prep.to_net(m) for m in masks]
+        usable = [k for k, nm in enumerate(net_masks) if nm.any()]
+        skipped = [insts[k].label for k in range(len(insts)) if k not in usable]
+        if skipped:
+            log(f"warning: lesion(s) {skipped} lie outside the region the model sees "
+                "(nnU-Net's crop to non-zero voxels); no saliency for them")
+        targets = [InstanceTarget(net_masks[k], model.lesion_class, cfg.reduction,
+                                  name=f"lesion_{insts[k].label:03d}") for k in usable]
         results: dict = {}
-        if insts:
+        if targets:
             if "smoothgrad" in cfg.methods:
                 t0 = time.time()
                 results["smoothgrad"] = smoothgrad(
-                    model, xt, targets, mode=cfg.mode, grid=grid, roi_size=mcfg.roi_size,
-                    overlap=mcfg.overlap, n_samples=cfg.n_samples, noise_level=cfg.noise_level,
+                    model, xt, targets, mode=cfg.mode, grid=grid, roi_size=model.roi_size,
+                    overlap=model.overlap, n_samples=cfg.n_samples, noise_level=cfg.noise_level,
                     seed=cfg.seed, batch_size=cfg.batch_size, sw_batch_size=cfg.sw_batch_size,
                     device=cfg.device, progress=progress)
                 timings["smoothgrad_s"] = round(time.time() - t0, 2)
@@ -406,22 +451,22 @@ def explain(flair: str | os.PathLike, mprage: str | os.PathLike, out: str | os.P
                 try:
                     results["gradcampp"] = gradcampp(
                         model, xt, targets, cam_layer, mode=cfg.mode, grid=grid,
-                        roi_size=mcfg.roi_size, overlap=mcfg.overlap,
+                        roi_size=model.roi_size, overlap=model.overlap,
                         sw_batch_size=cfg.sw_batch_size, device=cfg.device, progress=progress)
                 except ValueError as e:
                     raise InputError(f"Grad-CAM++: {e}") from None
                 timings["gradcampp_s"] = round(time.time() - t0, 2)
         t0 = time.time()
-        channel_names = [c.lower() for c in CHANNELS]
+        sg_chans = [column_name(c) for c in model.channels]
         profiles = []
         dense_cache: dict = {}
         for method, res in results.items():
             (stage / "saliency" / method).mkdir(parents=True, exist_ok=True)
-            chans = CHANNELS if method == "smoothgrad" else ("CAM",)
-            for r, inst, m in zip(rows, insts, masks):
-                k = insts.index(inst)
+            chans = sg_chans if method == "smoothgrad" else ["CAM"]
+            for pos, k in enumerate(usable):
+                r, inst, m = rows[k], insts[k], masks[k]
                 variant = "mean" if method == "smoothgrad" else "raw"
-                dense = res[k].maps[variant].to_dense()
+                dense = prep.to_user(res[pos].maps[variant].to_dense())
                 if not np.isfinite(dense).all():
                     raise InputError(f"{method} map of lesion {inst.label} is not finite")
                 fname = stage / "saliency" / method / f"lesion_{inst.label:03d}.nii.gz"
@@ -429,7 +474,7 @@ def explain(flair: str | os.PathLike, mprage: str | os.PathLike, out: str | os.P
                          subj.affine, subj.header)
                 r.update(quantify_instance(dense, m, subj.spacing, chans, method,
                                            cfg.share_margin_mm, cfg.peak_margin_mm))
-                r[f"{method}_n_windows"] = res[k].n_windows
+                r[f"{method}_n_windows"] = res[pos].n_windows
                 for c, ch in enumerate(chans):
                     centres, means, counts = distance_profile(dense[c], m, subj.spacing,
                                                               cfg.profile_bins_mm)
@@ -441,7 +486,9 @@ def explain(flair: str | os.PathLike, mprage: str | os.PathLike, out: str | os.P
                 if cfg.figures:
                     dense_cache[(method, inst.label)] = dense
         # without any lesion instance: the header alone, with the standard columns
-        table = pd.DataFrame(rows) if rows else pd.DataFrame(columns=table_columns(cfg.methods))
+        columns = table_columns(cfg.methods, model.channels)
+        table = (pd.DataFrame(rows).reindex(columns=columns) if rows
+                 else pd.DataFrame(columns=columns))
         prof = pd.DataFrame(profiles, columns=["label", "status", "method", "channel",
                                                "distance_mm", "mean", "voxels"])
         atomic_write_text(stage / "instances.csv", table.to_csv(index=False))
@@ -451,23 +498,29 @@ def explain(flair: str | os.PathLike, mprage: str | os.PathLike, out: str | os.P
                   for s in ("TP", "FP", "FN", "unknown")}
         summary = {
             "instances": len(insts), "predicted": iset.n_pred, "counts": counts,
-            "threshold": threshold, "shape": list(subj.shape), "spacing_mm": list(subj.spacing),
-            "orientation": subj.orientation,
+            "threshold": threshold if decision == "threshold" else "argmax",
+            "shape": list(subj.shape), "spacing_mm": list(subj.spacing),
+            "orientation": subj.orientation, "channels": list(model.channels),
         }
         if cfg.figures:
             t0 = time.time()
-            _figures(stage, subj, x, insts, masks, dense_cache, table, prof, summary, cfg)
+            _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
+                     list(model.channels))
             timings["figures_s"] = round(time.time() - t0, 2)
         timings["total_s"] = round(time.time() - t_all, 2)
         run = {
             "instance_saliency_run": 1,
             "inputs": {k: {"path": str(Path(p).resolve()), "sha256": datasets.sha256sum(p)}
                        for k, p in subj.paths.items()},
-            "model": {"folder": str(model_dir or "shipped default"), "config": asdict(mcfg)},
-            "parameters": {**asdict(cfg), "cam_layer": cam_layer, "threshold": threshold},
+            "model": {"folder": str(model_dir or model.source), **model.describe()},
+            "grids": {"exact": prep.exact, **prep.mapping},
+            "parameters": {**asdict(cfg), "cam_layer": cam_layer, "threshold": threshold,
+                           "decision": decision},
             "summary": summary, "timings_s": timings, "versions": _versions(),
             "seed": cfg.seed, "torch_threads": torch.get_num_threads(),
         }
+        if skipped:
+            run["no_saliency_outside_network_region"] = skipped
         atomic_write_text(stage / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
         commit_output(stage, out, overwrite, inputs)
     except BaseException:
@@ -480,7 +533,8 @@ def explain(flair: str | os.PathLike, mprage: str | os.PathLike, out: str | os.P
     return run
 
 
-def _figures(stage, subj, x, insts, masks, dense_cache, table, prof, summary, cfg) -> None:
+def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
+             channel_names=("FLAIR", "MPRAGE")) -> None:
     from .report import (distance_profile_figure, instance_figure, modality_share_figure,
                          write_report)
 
@@ -490,7 +544,7 @@ def _figures(stage, subj, x, insts, masks, dense_cache, table, prof, summary, cf
     flair = subj.image[0]
     for method in cfg.methods:
         label = {"smoothgrad": "SmoothGrad", "gradcampp": "Grad-CAM++"}[method]
-        chans = ("FLAIR", "MPRAGE") if method == "smoothgrad" else ("CAM",)
+        chans = tuple(channel_names) if method == "smoothgrad" else ("CAM",)
         for inst, m in zip(insts, masks):
             dense = dense_cache.get((method, inst.label))
             if dense is None:
@@ -504,9 +558,13 @@ def _figures(stage, subj, x, insts, masks, dense_cache, table, prof, summary, cf
     p1 = figdir / "distance_profile.png"
     distance_profile_figure(prof, p1, title="saliency against distance from the lesion border")
     summary_figs = [("Saliency against signed distance from the border (mm)", p1, "Summary")]
-    if "smoothgrad" in cfg.methods:
+    if "smoothgrad" in cfg.methods and len(channel_names) >= 2:
+        from .models.channels import column_name
+
         p2 = figdir / "modality_share.png"
-        modality_share_figure(table, p2, method="smoothgrad")
-        summary_figs.append(("FLAIR versus MPRAGE (SmoothGrad)", p2, "Summary"))
+        pair = [column_name(c) for c in channel_names[:2]]
+        modality_share_figure(table, p2, method="smoothgrad", channel_names=pair)
+        summary_figs.append((f"{channel_names[0]} versus {channel_names[1]} (SmoothGrad)", p2,
+                             "Summary"))
     write_report(stage / "report.html", "instance-saliency report", summary, table,
                  summary_figs + figs, notes=[f"parameters: {asdict(cfg)}"])

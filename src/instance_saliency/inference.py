@@ -98,6 +98,30 @@ class WindowGrid:
             norm[tuple(slice(a, a + r) for a, r in zip(st, roi))] += imp
         return cls(image_shape, padded, pad_before, roi, starts, imp, norm)
 
+    @classmethod
+    def from_windows(cls, image_shape: Sequence[int], roi_size: Sequence[int],
+                     starts: Sequence[Sequence[int]], importance: torch.Tensor) -> "WindowGrid":
+        """A grid with given window starts (padded coordinates) and importance map.
+
+        The scan is zero-padded symmetrically to at least ``roi_size`` on each axis (below:
+        half the difference, rounded down), as both MONAI and nnU-Net (``pad_nd_image``) do.
+        Used for nnU-Net's own window positions and Gaussian (:mod:`..models.nnunet`).
+        """
+        image_shape = tuple(int(s) for s in image_shape)
+        roi = tuple(int(r) for r in roi_size)
+        padded = tuple(max(r, s) for r, s in zip(roi, image_shape))
+        pad_before = tuple((p - s) // 2 for p, s in zip(padded, image_shape))
+        starts = np.asarray(starts, dtype=np.int64).reshape(-1, len(roi))
+        imp = torch.as_tensor(importance, dtype=torch.float32).cpu()
+        if tuple(imp.shape) != roi:
+            raise ValueError(f"importance map shape {tuple(imp.shape)} != roi {roi}")
+        norm = torch.zeros(padded, dtype=torch.float32)
+        for st in starts:
+            if any(a < 0 or a + r > p for a, r, p in zip(st, roi, padded)):
+                raise ValueError(f"window start {tuple(st)} + roi {roi} leaves {padded}")
+            norm[tuple(slice(a, a + r) for a, r in zip(st, roi))] += imp
+        return cls(image_shape, padded, pad_before, roi, starts, imp, norm)
+
     @property
     def n_windows(self) -> int:
         return len(self.starts)

@@ -29,7 +29,7 @@ class Subject:
     Attributes
     ----------
     image : ndarray, shape (C, X, Y, Z), float32
-        Raw (un-normalised) intensities, channel order :data:`CHANNELS`.
+        Raw (un-normalised) intensities, channel order ``channels``.
     affine : ndarray, shape (4, 4)
         Voxel-to-world (RAS mm) affine of the first channel's file.
     spacing : tuple of 3 float
@@ -39,7 +39,10 @@ class Subject:
     header : nibabel.Nifti1Header
         Header of the first channel's file; its spatial fields are reused when saving maps.
     paths : dict
-        The files read, by role (``flair``, ``mprage``, ``mask``).
+        The files read, by role (``flair``, ``mprage`` or the channel's name lowercased,
+        ``mask``).
+    channels : tuple of str
+        Channel names, in order (default :data:`CHANNELS`).
     """
 
     image: np.ndarray
@@ -48,6 +51,7 @@ class Subject:
     header: nib.Nifti1Header
     mask: np.ndarray | None = None
     paths: dict = field(default_factory=dict)
+    channels: tuple = CHANNELS
 
     @property
     def shape(self) -> tuple:
@@ -153,22 +157,56 @@ def load_subject(flair: str | os.PathLike, mprage: str | os.PathLike,
         Missing/unreadable file, 4D image, shapes or affines that differ, NaN/Inf voxels,
         a non-binary mask. The message names the offending file.
     """
-    f_img = load_volume(flair, "FLAIR")
-    m_img = load_volume(mprage, "MPRAGE")
-    _check_same_grid(f_img, flair, m_img, mprage, "MPRAGE")
-    image = np.stack([np.asarray(f_img.dataobj, dtype=np.float32),
-                      np.asarray(m_img.dataobj, dtype=np.float32)])
-    for c, (name, p) in enumerate(zip(CHANNELS, (flair, mprage))):
+    return load_images([flair, mprage], CHANNELS, mask)
+
+
+def load_images(paths, names, mask: str | os.PathLike | None = None) -> Subject:
+    """Load any number of co-registered channels (+ optional lesion mask) into a
+    :class:`Subject`.
+
+    Parameters
+    ----------
+    paths : sequence of path
+        3D NIfTI files on one grid (same shape, affines within :data:`AFFINE_TOL_MM` mm), in
+        the model's channel order.
+    names : sequence of str
+        Channel names (``"FLAIR"``, ``"T1"``, ...), same length as ``paths``.
+    mask : path, optional
+        Binary lesion mask on the same grid.
+
+    Returns
+    -------
+    Subject
+        ``image`` of shape ``(C, X, Y, Z)`` float32 (raw intensities), affine, spacing (mm)
+        from the first file's affine (column norms).
+
+    Raises
+    ------
+    InputError
+        Missing/unreadable file, 4D image, shapes or affines that differ, NaN/Inf voxels,
+        an all-zero channel, a non-binary mask. The message names the offending file.
+    """
+    paths, names = list(paths), [str(n) for n in names]
+    if not paths or len(paths) != len(names):
+        raise InputError(f"{len(paths)} image(s) for {len(names)} channel name(s)")
+    imgs = [load_volume(paths[0], names[0])]
+    for n, p in zip(names[1:], paths[1:]):
+        imgs.append(load_volume(p, n))
+        _check_same_grid(imgs[0], paths[0], imgs[-1], p, n)
+    image = np.stack([np.asarray(i.dataobj, dtype=np.float32) for i in imgs])
+    for c, (name, p) in enumerate(zip(names, paths)):
         if not np.any(image[c]):
             raise InputError(f"{name} file {p} is all zero")
-    m = load_mask(mask, f_img, flair) if mask is not None else None
+    m = load_mask(mask, imgs[0], paths[0]) if mask is not None else None
     # voxel spacing from the affine (column norms), the grid actually used for world mm
-    spacing = tuple(float(v) for v in np.linalg.norm(f_img.affine[:3, :3], axis=0))
-    paths = {"flair": str(flair), "mprage": str(mprage)}
+    spacing = tuple(float(v) for v in np.linalg.norm(imgs[0].affine[:3, :3], axis=0))
+    roles = ["flair", "mprage"] if tuple(names) == CHANNELS else [n.lower() for n in names]
+    out_paths = {r: str(p) for r, p in zip(roles, paths)}
     if mask is not None:
-        paths["mask"] = str(mask)
-    return Subject(image=image, affine=f_img.affine.copy(), spacing=spacing,
-                   header=f_img.header.copy(), mask=m, paths=paths)
+        out_paths["mask"] = str(mask)
+    return Subject(image=image, affine=imgs[0].affine.copy(), spacing=spacing,
+                   header=imgs[0].header.copy(), mask=m, paths=out_paths,
+                   channels=tuple(names))
 
 
 def zscore_nonzero(image: np.ndarray) -> np.ndarray:

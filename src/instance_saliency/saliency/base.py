@@ -42,6 +42,23 @@ def model_state_guard(model: torch.nn.Module, eval_mode: bool = True) -> Iterato
 
 
 @contextlib.contextmanager
+def models_state_guard(model, eval_mode: bool = True):
+    """:func:`model_state_guard` over every distinct network of a model (a torch module, or a
+    :class:`~instance_saliency.models.SegmentationModel` with several folds)."""
+    from ..models.base import members_of
+
+    nets, seen = [], set()
+    for m in members_of(model):
+        if id(m.net) not in seen:
+            seen.add(id(m.net))
+            nets.append(m.net)
+    with contextlib.ExitStack() as stack:
+        for n in nets:
+            stack.enter_context(model_state_guard(n, eval_mode))
+        yield model
+
+
+@contextlib.contextmanager
 def capture_activations(module: torch.nn.Module) -> Iterator[list]:
     """Record the output of ``module`` on every forward pass inside the block.
 

@@ -19,6 +19,12 @@ each window's map ``L_w = ReLU(Σ_k w_k A_k)`` is upsampled to the window and bl
 Gaussian importance of those windows only, ``L(v) = Σ_w imp_w(v) L_w(v) / Σ_w imp_w(v)``. The
 ReLU comes before upsampling, as in the formula above (and in MONAI's and pytorch-grad-cam's
 CAMs); the optional signed map is the same construction without the ReLU.
+
+Ensembles (folds × test-time mirrorings, :mod:`instance_saliency.models`): each member's map is
+computed at the layer of its own network (a mirrored member's map flipped back to the input's
+orientation) and the maps are averaged with the members' weights — the natural extension, since
+Grad-CAM++ is not linear in the network; the returned channel weights are the weighted mean of
+the members' weights.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import capture_activations, model_state_guard, resolve_layer
+from ..models.base import members_of
+from .base import capture_activations, models_state_guard, resolve_layer
 from .engine import SparseMap, WindowPlan, _batches, cotangent, window_inputs
 from .smoothgrad import InstanceSaliency, _as_input, plan_pad
 
@@ -85,8 +92,9 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
 
     Parameters
     ----------
-    model : torch.nn.Module
-        Segmentation network (state restored afterwards; run in eval mode).
+    model : torch.nn.Module or SegmentationModel
+        Segmentation network, or a model with several members (see the module notes); state
+        restored afterwards; run in eval mode.
     x : torch.Tensor or ndarray, shape (C, X, Y, Z)
         Normalised input.
     targets : sequence of MaskTarget
@@ -127,11 +135,48 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
             raise ValueError("Grad-CAM++ needs logit-space (linear) targets")
         if tuple(tg.mask.shape) != shape:
             raise ValueError(f"target mask shape {tg.mask.shape} != input shape {shape}")
-    module = resolve_layer(model, layer)
+    members = members_of(model)
+    for mem in members:
+        resolve_layer(mem.net, layer)  # ValueError before any work
     plan = WindowPlan.create([t.mask for t in targets], shape, mode, roi_size, overlap, grid)
+    xp = plan_pad(plan, x[None])
+    nt = len(targets)
+    regions = [plan.target_region(t) for t in range(nt)]
+    raw = [torch.zeros(tuple(s.stop - s.start for s in r), dtype=torch.float64) for r in regions]
+    sgn = [torch.zeros_like(a) for a in raw]
+    weights: list = [None] * nt
+    with models_state_guard(model):
+        for mem in members:
+            r_m, s_m, w_m = _cam_member(mem, layer, plan, xp, targets, regions, sw_batch_size,
+                                        progress and len(members) == 1)
+            for t in range(nt):
+                raw[t] += mem.weight * r_m[t]
+                sgn[t] += mem.weight * s_m[t]
+                wt = mem.weight * w_m[t]
+                weights[t] = wt if weights[t] is None else weights[t] + wt
+    results = []
+    for t, tg in enumerate(targets):
+        maps = {"raw": SparseMap(regions[t], raw[t].float()[None].numpy(), shape)}
+        if signed:
+            maps["signed"] = SparseMap(regions[t], sgn[t].float()[None].numpy(), shape)
+        results.append(InstanceSaliency(tg.name, "gradcampp", maps,
+                                        len(plan.target_windows[t]), weights[t].float().numpy()))
+    return results
+
+
+def _cam_member(member, layer: str, plan: WindowPlan, xp: torch.Tensor, targets, regions,
+                sw_batch_size: int, progress: bool):
+    """Instance Grad-CAM++ maps of one network (one ensemble member) for every target.
+
+    Returns per target: the map after ReLU and the signed map (float64, on the target's
+    region, in input orientation: a mirrored member's maps are flipped back) and the channel
+    weights ``(K,)``.
+    """
+    model = member.module
+    module = resolve_layer(member.net, layer)
+    flip_dims = list(member.flip)
     needed = sorted({w for ws in plan.target_windows for w in ws})
     users = {w: [t for t, ws in enumerate(plan.target_windows) if w in ws] for w in needed}
-    xp = plan_pad(plan, x[None])
     acts: dict[int, torch.Tensor] = {}
     weights = {t: torch.zeros(0, dtype=torch.float64) for t in range(len(targets))}
     batches = _batches(plan, needed, sw_batch_size,
@@ -141,7 +186,7 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
         from tqdm.auto import tqdm
 
         pass2 = tqdm(batches, desc="Grad-CAM++", unit="batch", leave=False)
-    with model_state_guard(model), capture_activations(module) as store:
+    with capture_activations(module) as store:
         # pass 1 (no gradients): the layer's activations of every window, and their sums
         for wb in batches:
             store.clear()
@@ -174,11 +219,11 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
                     weights[t] = term if weights[t].numel() == 0 else weights[t] + term
             store.clear()
             del out, A
-    results = []
-    for t, tg in enumerate(targets):
+    raws, signeds, ws_out = [], [], []
+    for t in range(len(targets)):
         ws = plan.target_windows[t]
         w_t = weights[t].float()
-        region = plan.target_region(t)
+        region = regions[t]
         rshape = tuple(s.stop - s.start for s in region)
         num = torch.zeros(rshape, dtype=torch.float64)
         num_raw = torch.zeros(rshape, dtype=torch.float64)
@@ -187,6 +232,8 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
             cam_w = torch.einsum("k,k...->...", w_t, acts[w])[None]
             raw_w = _upsample(F.relu(cam_w), plan.windows[w][1])[0]  # ReLU, then upsample
             cam_w = _upsample(cam_w, plan.windows[w][1])[0]
+            if flip_dims:  # a mirrored member saw the window flipped: flip its map back
+                raw_w, cam_w = torch.flip(raw_w, flip_dims), torch.flip(cam_w, flip_dims)
             dst, win_sl = plan.region_part(w, region)
             imp = (plan.grid.importance if plan.grid is not None
                    else torch.ones(plan.windows[w][1]))[win_sl].double()
@@ -194,10 +241,7 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
             num_raw[dst] += imp * raw_w[win_sl].double()
             den[dst] += imp
         safe_den = torch.where(den > 0, den, 1.0)
-        raw_map = torch.where(den > 0, num_raw / safe_den, 0.0).float()
-        maps = {"raw": SparseMap(region, raw_map[None].numpy(), shape)}
-        if signed:
-            signed_map = torch.where(den > 0, num / safe_den, 0.0).float()
-            maps["signed"] = SparseMap(region, signed_map[None].numpy(), shape)
-        results.append(InstanceSaliency(tg.name, "gradcampp", maps, len(ws), w_t.numpy()))
-    return results
+        raws.append(torch.where(den > 0, num_raw / safe_den, 0.0))
+        signeds.append(torch.where(den > 0, num / safe_den, 0.0))
+        ws_out.append(w_t.double())
+    return raws, signeds, ws_out

@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import draw_noise, model_state_guard, noise_sigma
+from ..models.base import as_module, members_of
+from .base import draw_noise, models_state_guard, noise_sigma
 from .engine import SparseMap, WindowPlan, _batches, cotangent, window_inputs
 
 VARIANTS = ("mean", "squared", "vargrad")
@@ -55,12 +56,15 @@ def _as_input(x) -> torch.Tensor:
 
 
 def _grads_linear(model, plan: WindowPlan, xp: torch.Tensor, targets, active, regions,
-                  sw_batch_size: int, pack: bool = True, into: dict | None = None) -> dict:
+                  sw_batch_size: int, pack: bool = True, into: dict | None = None,
+                  acc: dict | None = None, scale: float = 1.0) -> dict:
     """Per target ``t`` in ``active``: ``(S, C, *region_t)`` input gradients for one chunk.
 
     With ``into`` (target -> ``(C, *region_t)`` tensor), the gradients are instead summed over
     the chunk's samples straight into ``into[t]`` (no per-sample buffers; used when only the
-    mean map is wanted) and an empty dict is returned.
+    mean map is wanted) and an empty dict is returned. With ``acc`` (target -> ``(S, C,
+    *region_t)``), per-sample gradients are added to it (ensemble members, one after another).
+    ``scale`` multiplies the target (an ensemble member's weight).
 
     One forward per window batch, shared by all targets. With ``pack`` (default), each
     backward pass carries, for every window row of the batch, the cotangent of a different
@@ -69,8 +73,11 @@ def _grads_linear(model, plan: WindowPlan, xp: torch.Tensor, targets, active, re
     as the largest number of targets touching one of its windows.
     """
     S, C = xp.shape[:2]
-    acc = into if into is not None else {
-        t: torch.zeros((S, C) + tuple(s.stop - s.start for s in regions[t])) for t in active}
+    if into is not None:
+        acc = into
+    elif acc is None:
+        acc = {t: torch.zeros((S, C) + tuple(s.stop - s.start for s in regions[t]))
+               for t in active}
     needed = {w for t in active for w in plan.target_windows[t]}
     users = {w: [t for t in active if w in plan.target_windows[t]] for w in needed}
     order = (lambda w: (-len(users[w]), w)) if pack else None
@@ -89,6 +96,8 @@ def _grads_linear(model, plan: WindowPlan, xp: torch.Tensor, targets, active, re
             for j, w, t in assign:
                 cot[j * S:(j + 1) * S, targets[t].class_index] = \
                     cotangent(plan, targets[t], w, out.device)
+            if scale != 1.0:
+                cot = cot * scale
             (g,) = torch.autograd.grad(out, inp, cot, retain_graph=i < len(rounds) - 1)
             for j, w, t in assign:
                 dst, win_sl = plan.region_part(w, regions[t])
@@ -182,9 +191,12 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
 
     Parameters
     ----------
-    model : torch.nn.Module
-        Maps ``(b, C, *window)`` to ``(b, K, *window)`` logits. Its state is restored after the
-        call (:func:`~.base.model_state_guard`); it runs in eval mode.
+    model : torch.nn.Module or SegmentationModel
+        A network mapping ``(b, C, *window)`` to ``(b, K, *window)`` logits, or a model whose
+        members (folds × test-time mirrorings, :mod:`instance_saliency.models`) are averaged
+        in logit space: the ensemble target is the weighted sum of the members' targets, so
+        its exact gradient is the weighted sum of each member's window-sparse gradient. State
+        is restored after the call (:func:`~.base.model_state_guard`); it runs in eval mode.
     x : torch.Tensor or ndarray, shape (C, X, Y, Z)
         Normalised input (not modified).
     targets : sequence of MaskTarget
@@ -255,6 +267,8 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
             raise ValueError("n_samples must be >= 1")
         sigma = noise_sigma(x, noise_level, per_channel_noise)
         noise_iter = draw_noise((C,) + shape, sigma, n_samples, seed, device)
+    members = members_of(model)
+    whole = as_module(model)
     plan = WindowPlan.create([t.mask for t in targets], shape, mode, roi_size, overlap, grid)
     regions = [plan.target_region(t) for t in range(len(targets))]
     sums = [torch.zeros((C,) + tuple(s.stop - s.start for s in r)) for r in regions]
@@ -266,17 +280,24 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="SmoothGrad", unit="chunk", leave=False)
-    with model_state_guard(model):
+    with models_state_guard(model):
         for c0 in chunks:
             n = min(batch_size, n_samples - c0)
             xs = torch.stack([x + next(noise_iter) for _ in range(n)])
             xp = plan_pad(plan, xs)
             direct = {t: sums[t] for t in linear} if sqs is None else None
-            grads = _grads_linear(model, plan, xp, targets, linear, regions, sw_batch_size,
-                                  pack, direct) if linear else {}
+            grads: dict = {}
+            if linear:
+                acc = None if direct is not None else {
+                    t: torch.zeros((n, C) + tuple(s.stop - s.start for s in regions[t]))
+                    for t in linear}
+                for mem in members:  # the ensemble's gradient: weighted sum of the members'
+                    _grads_linear(mem.module, plan, xp, targets, linear, regions,
+                                  sw_batch_size, pack, direct, acc, mem.weight)
+                grads = acc if acc is not None else {}
             for t in other:
                 fn = _grads_maxabs if aggregation == "maxabs" else _grads_generic
-                grads[t] = fn(model, plan, xp, targets[t], t, regions[t], sw_batch_size)
+                grads[t] = fn(whole, plan, xp, targets[t], t, regions[t], sw_batch_size)
             for t, g in grads.items():
                 for gs in g:  # sample by sample, in order: chunking does not change sums
                     sums[t] += gs

@@ -1,9 +1,9 @@
-"""Architecture registry and checkpoints (``config.json`` + ``model.safetensors``).
+"""Our checkpoint format: a folder with ``config.json`` + ``model.safetensors``.
 
-The three architectures of the seed paper (Spagnolo et al. 2024, arXiv:2406.09335), built with
-MONAI for 2 input channels (FLAIR, MPRAGE) and 2 output channels (background, lesion). Any other
-``torch.nn.Module`` mapping ``(B, C_in, X, Y, Z)`` to ``(B, C_out, X, Y, Z)`` logits works with the
-rest of the package. Checkpoints are loaded without unpickling.
+Loaded without unpickling (safetensors). ``config.json`` names the architecture of
+:mod:`.registry`, its arguments, the input channels (by name), the normalisation, the sliding
+window (ROI, overlap), the lesion threshold and class, and optionally an ensemble
+(``members``: sub-folders averaged in logit space) and test-time flips (``mirror_axes``).
 """
 
 from __future__ import annotations
@@ -13,67 +13,15 @@ import os
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .errors import ModelError
-from .io import CHANNELS, atomic_write_text
+from ..errors import ModelError
+from ..io import CHANNELS, atomic_write_text
+from .registry import build_model
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def _unet3d(in_channels=2, out_channels=2, channels=(32, 64, 128, 256, 512),
-            strides=(2, 2, 2, 2), num_res_units=0, norm="batch", dropout=0.0):
-    """MONAI ``UNet`` as in the Shifts MS-WML baseline (batch norm, no residual units)."""
-    from monai.networks.nets import UNet
-
-    return UNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
-                channels=tuple(channels), strides=tuple(strides),
-                num_res_units=num_res_units, norm=norm, dropout=dropout)
-
-
-def _nnunet(in_channels=2, out_channels=2, filters=(32, 64, 128, 256, 320),
-            strides=(1, 2, 2, 2, 2), kernel_size=3):
-    """MONAI ``DynUNet`` configured as an nnU-Net 3D full-resolution net.
-
-    Instance norm (affine), leaky ReLU (slope 0.01, in place), kernel 3 at every level,
-    first stride 1 then stride-2 levels, transposed-convolution upsampling, no deep supervision
-    at inference.
-    """
-    from monai.networks.nets import DynUNet
-
-    n = len(strides)
-    return DynUNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
-                   kernel_size=[kernel_size] * n, strides=list(strides),
-                   upsample_kernel_size=list(strides[1:]), filters=list(filters)[:n],
-                   norm_name=("INSTANCE", {"affine": True}),
-                   act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}))
-
-
-def _swin_unetr(in_channels=2, out_channels=2, feature_size=24, use_v2=False):
-    """MONAI ``SwinUNETR`` (input sides must be divisible by 32)."""
-    from monai.networks.nets import SwinUNETR
-
-    return SwinUNETR(in_channels=in_channels, out_channels=out_channels,
-                     feature_size=feature_size, use_v2=use_v2, spatial_dims=3)
-
-
-#: architecture name -> builder(**arguments) -> nn.Module
-ARCHITECTURES: dict[str, Callable[..., torch.nn.Module]] = {
-    "unet3d": _unet3d,
-    "nnunet": _nnunet,
-    "swin_unetr": _swin_unetr,
-}
-
-#: default Grad-CAM++ layer per architecture: a decoder level near full resolution
-#: (the last decoder level before the full-resolution output block, at 1/2 resolution)
-DEFAULT_CAM_LAYER = {
-    "unet3d": "model.1.submodule.2",
-    "nnunet": "upsamples.2",
-    "swin_unetr": "decoder2",
-}
 
 
 @dataclass
@@ -98,6 +46,12 @@ class ModelConfig:
         Lesion-probability threshold of the binary mask.
     lesion_class : int
         Output channel of the lesion logit.
+    mirror_axes : list of int
+        Test-time mirroring: spatial axes (0, 1, 2) whose flip combinations are averaged with
+        the plain prediction in logit space, as nnU-Net does (empty = none).
+    members : list of str
+        Ensemble: sub-folders (each a checkpoint of this architecture) whose logits are
+        averaged; the folder then holds no weights of its own.
     training : dict
         Training summary (command, data, steps, validation figures, time).
     """
@@ -110,6 +64,8 @@ class ModelConfig:
     overlap: float = 0.25
     threshold: float = 0.5
     lesion_class: int = 1
+    mirror_axes: list = field(default_factory=list)
+    members: list = field(default_factory=list)
     training: dict = field(default_factory=dict)
 
     @classmethod
@@ -126,23 +82,6 @@ class ModelConfig:
             raise ModelError(f"{source}: 'arguments' must be a JSON object, "
                              f"got {d['arguments']!r}")
         return cls(**d)
-
-
-def build_model(architecture: str, **arguments) -> torch.nn.Module:
-    """Build an architecture of :data:`ARCHITECTURES` by name.
-
-    Raises
-    ------
-    ModelError
-        Unknown name or arguments the builder does not accept.
-    """
-    if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
-        raise ModelError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
-    try:
-        return ARCHITECTURES[architecture](**arguments)
-    except (TypeError, ValueError, AssertionError, IndexError, KeyError) as e:
-        msg = " ".join(str(e).split())  # one line (MONAI messages can end in a newline)
-        raise ModelError(f"cannot build {architecture} with {arguments}: {msg}") from None
 
 
 def _aliases(state: dict) -> dict:
@@ -183,43 +122,36 @@ def default_model_dir() -> Path:
     return Path(str(resources.files("instance_saliency") / "weights" / "default"))
 
 
-def load_checkpoint(folder: str | os.PathLike | None = None, device: str | torch.device = "cpu"
-                    ) -> tuple[torch.nn.Module, ModelConfig]:
-    """Load a checkpoint folder into an eval-mode model; never unpickles.
-
-    Parameters
-    ----------
-    folder : path, optional
-        Folder with ``config.json`` and ``model.safetensors``; ``None`` = shipped default model.
-    device : str or torch.device
-
-    Returns
-    -------
-    model : torch.nn.Module (in eval mode), config : ModelConfig
+def read_config(folder: str | os.PathLike) -> ModelConfig:
+    """``config.json`` of a checkpoint folder.
 
     Raises
     ------
     ModelError
-        Missing folder or file, invalid JSON, unknown architecture or arguments, a corrupted
-        weights file, missing/unexpected keys or shape mismatch.
+        Missing folder or file, invalid JSON, unknown keys.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder) if folder is not None else default_model_dir()
-    cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    folder = Path(folder)
+    cfg_path = folder / CONFIG_NAME
     if not folder.is_dir():
         raise ModelError(f"model folder not found: {folder}")
     if not cfg_path.is_file():
         raise ModelError(f"model folder {folder} has no {CONFIG_NAME}")
-    if not w_path.is_file():
-        raise ModelError(f"model folder {folder} has no {WEIGHTS_NAME}")
     try:
-        cfg = ModelConfig.from_dict(json.loads(cfg_path.read_text()), str(cfg_path))
+        return ModelConfig.from_dict(json.loads(cfg_path.read_text()), str(cfg_path))
     except json.JSONDecodeError as e:
         raise ModelError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    except TypeError as e:
+    except (TypeError, UnicodeDecodeError) as e:
         raise ModelError(f"{cfg_path}: {e}") from None
+
+
+def _load_network(folder: Path, cfg: ModelConfig, cfg_path: Path) -> torch.nn.Module:
+    """Build ``cfg``'s architecture and load ``folder/model.safetensors`` into it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    w_path = folder / WEIGHTS_NAME
+    if not w_path.is_file():
+        raise ModelError(f"model folder {folder} has no {WEIGHTS_NAME}")
     try:
         model = build_model(cfg.architecture, **cfg.arguments)
     except ModelError as e:  # name the file that holds the arguments
@@ -243,7 +175,97 @@ def load_checkpoint(folder: str | os.PathLike | None = None, device: str | torch
             raise ModelError(f"{w_path}: shape mismatch for {k}: {tuple(v.shape)} in the file, "
                              f"{tuple(expected[k].shape)} in {cfg.architecture}{cfg.arguments}")
     model.load_state_dict(state, strict=True)
-    return model.to(device).eval(), cfg
+    return model.eval()
+
+
+def load_checkpoint_model(folder: str | os.PathLike | None = None,
+                          device: str | torch.device = "cpu", mirroring: bool | None = None):
+    """Load a checkpoint folder (single network or ensemble) as a
+    :class:`~.base.SegmentationModel`; never unpickles.
+
+    Parameters
+    ----------
+    folder : path, optional
+        Checkpoint folder; ``None`` = the shipped default model.
+    device : str or torch.device
+    mirroring : bool, optional
+        Override the test-time mirroring of ``config.json`` (``False``: none).
+
+    Raises
+    ------
+    ModelError
+        See :func:`load_checkpoint`; an ensemble member folder that is missing or of another
+        architecture, channels or window.
+    """
+    from .base import SegmentationModel, ensemble_members
+    from .registry import DEFAULT_CAM_LAYER
+
+    folder = Path(folder) if folder is not None else default_model_dir()
+    cfg = read_config(folder)
+    cfg_path = folder / CONFIG_NAME
+    n_in = cfg.arguments.get("in_channels", 2)  # every registry builder defaults to 2
+    if not isinstance(cfg.channels, list) or not cfg.channels or len(cfg.channels) != n_in:
+        raise ModelError(f"{cfg_path} declares {len(cfg.channels or [])} input channel(s) "
+                         f"{cfg.channels}, but its network takes {n_in}")
+    if cfg.members:
+        nets = []
+        for name in cfg.members:
+            sub = folder / str(name)
+            if not _is_inside_folder(sub, folder):
+                raise ModelError(f"{cfg_path}: ensemble member {name!r} is outside {folder}")
+            mcfg = read_config(sub)
+            for key in ("architecture", "arguments", "channels", "roi_size", "normalisation"):
+                if getattr(mcfg, key) != getattr(cfg, key):
+                    raise ModelError(f"ensemble member {sub} differs from {cfg_path} in {key!r}")
+            nets.append((str(name), _load_network(sub, mcfg, sub / CONFIG_NAME).to(device)))
+    else:
+        nets = [("model", _load_network(folder, cfg, cfg_path).to(device))]
+    axes = [] if mirroring is False else list(cfg.mirror_axes)
+    model = SegmentationModel(
+        ensemble_members(nets, axes), cfg.channels,
+        source=str(folder) if folder != default_model_dir() else "shipped default",
+        lesion_class=cfg.lesion_class, threshold=cfg.threshold,
+        cam_layer=DEFAULT_CAM_LAYER.get(cfg.architecture), roi_size=cfg.roi_size,
+        overlap=cfg.overlap,
+        info={"architecture": cfg.architecture, "mirror_axes": axes,
+              "config": asdict(cfg)})
+    model.kind = "checkpoint"
+    model.config = cfg
+    return model
+
+
+def _is_inside_folder(path: Path, folder: Path) -> bool:
+    try:
+        Path(os.path.realpath(path)).relative_to(os.path.realpath(folder))
+        return True
+    except ValueError:
+        return False
+
+
+def load_checkpoint(folder: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+                    ) -> tuple[torch.nn.Module, ModelConfig]:
+    """Load a checkpoint folder into an eval-mode module; never unpickles.
+
+    Parameters
+    ----------
+    folder : path, optional
+        Folder with ``config.json`` and ``model.safetensors``; ``None`` = shipped default model.
+        For an ensemble (``members`` in ``config.json``) or a model with test-time mirroring
+        the module returned averages the members' logits (:class:`~.base.EnsembleNetwork`).
+    device : str or torch.device
+
+    Returns
+    -------
+    model : torch.nn.Module (in eval mode), config : ModelConfig
+
+    Raises
+    ------
+    ModelError
+        Missing folder or file, invalid JSON, unknown architecture or arguments, a corrupted
+        weights file, missing/unexpected keys or shape mismatch.
+    """
+    m = load_checkpoint_model(folder, device)
+    return m.network.eval(), m.config
 
 
 def load_legacy_state_dict(path: str | os.PathLike) -> dict:

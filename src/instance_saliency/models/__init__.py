@@ -1,0 +1,97 @@
+"""Models: one interface (:class:`SegmentationModel`) over every kind of model.
+
+========================  =====================================================================
+file                      loads
+========================  =====================================================================
+``registry.py``           the seed paper's architectures by name (MONAI UNet, DynUNet, SwinUNETR)
+``checkpoint.py``         our checkpoint folders (``config.json`` + ``model.safetensors``),
+                          single networks or ensembles with test-time mirroring
+``module.py``             any ``torch.nn.Module`` given in Python
+``nnunet.py``             nnU-Net v2 trained-model folders (folds, mirroring, its preprocessing)
+``base.py``               the interface, members (folds × mirrorings) and their average
+``channels.py``           matching the user's images to the model's channels by name
+========================  =====================================================================
+
+:func:`load_model` picks the kind from what it is given, so callers never branch on it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import ModelError
+from .base import (EnsembleNetwork, Member, Mirrored, Prepared, SegmentationModel,  # noqa: F401
+                   as_module, ensemble_members, members_of, mirror_combinations)
+from .checkpoint import (CONFIG_NAME, WEIGHTS_NAME, ModelConfig, default_model_dir,  # noqa: F401
+                         load_checkpoint, load_checkpoint_model, load_legacy_state_dict,
+                         read_config, save_checkpoint)
+from .module import from_module  # noqa: F401
+from .registry import ARCHITECTURES, DEFAULT_CAM_LAYER, build_model  # noqa: F401
+
+
+def model_kind(spec: str | os.PathLike | None) -> str:
+    """``"checkpoint"`` or ``"nnunet"`` for a ``--model`` value (folder), by its files.
+
+    Raises
+    ------
+    ModelError
+        Not a folder, or a folder of neither kind (the message says what each needs).
+    """
+    if spec is None:
+        return "checkpoint"
+    from .nnunet import is_nnunet_folder
+
+    p = Path(spec)
+    if not p.is_dir():
+        raise ModelError(f"model folder not found: {p}")
+    if (p / CONFIG_NAME).is_file():
+        return "checkpoint"
+    if is_nnunet_folder(p):
+        return "nnunet"
+    inner = sorted(d.name for d in p.iterdir() if d.is_dir() and is_nnunet_folder(d))
+    hint = (f"; it contains nnU-Net model folder(s) {', '.join(inner[:4])}: pass one of them"
+            if inner else "")
+    raise ModelError(f"{p} is not a model folder: expected {CONFIG_NAME} + {WEIGHTS_NAME} "
+                     f"(instance-saliency checkpoint) or dataset.json + plans.json + "
+                     f"fold_N/checkpoint_final.pth (nnU-Net v2 trained model){hint}")
+
+
+def load_model(spec: str | os.PathLike | None = None, device="cpu", *, folds=None,
+               checkpoint: str | None = None, mirroring: bool | None = None,
+               step_size: float | None = None, lesion_label=None) -> SegmentationModel:
+    """Load any model folder as a :class:`SegmentationModel`.
+
+    Parameters
+    ----------
+    spec : path or None
+        A checkpoint folder, an nnU-Net v2 trained-model folder, or ``None`` (the shipped
+        default model).
+    device : str or torch.device
+    folds, checkpoint, step_size, lesion_label
+        nnU-Net options (:func:`.nnunet.load_nnunet_model`); refused for other kinds.
+    mirroring : bool, optional
+        Test-time mirroring (nnU-Net default on; checkpoints: as in ``config.json``).
+
+    Raises
+    ------
+    ModelError, InputError
+    """
+    from ..errors import InputError
+
+    kind = model_kind(spec)
+    if kind == "nnunet":
+        from .nnunet import DEFAULT_CHECKPOINT, load_nnunet_model
+
+        return load_nnunet_model(spec, device, folds=folds,
+                                 checkpoint=checkpoint or DEFAULT_CHECKPOINT,
+                                 mirroring=True if mirroring is None else mirroring,
+                                 step_size=0.5 if step_size is None else step_size,
+                                 lesion_label=lesion_label)
+    given = [n for n, v in (("--folds", folds), ("--checkpoint", checkpoint),
+                            ("--step-size", step_size), ("--lesion-label", lesion_label))
+             if v not in (None, [], ())]
+    if given:
+        raise InputError(f"{', '.join(given)} apply to nnU-Net model folders only; "
+                         f"{spec or 'the shipped model'} is an instance-saliency checkpoint")
+    return load_checkpoint_model(spec, device, mirroring)
