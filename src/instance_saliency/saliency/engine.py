@@ -113,6 +113,7 @@ class WindowPlan:
         roi = tuple(int(r) for r in roi_size)
         if mode == "sliding":
             grid = grid or WindowGrid.create(image_shape, roi, overlap)
+            roi = tuple(grid.roi_size)  # a given grid's windows win over roi_size
             plan = cls(mode, image_shape, grid.padded_shape, grid.pad_before, grid=grid)
             plan.windows = [(tuple(int(a) for a in st), roi) for st in grid.starts]
             for m in masks:

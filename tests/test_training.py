@@ -1,0 +1,87 @@
+"""Training: a resumed run equals the uninterrupted one; schedule and recipes."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from instance_saliency.errors import InputError
+from instance_saliency.io import Subject
+from instance_saliency.training import augmentations, lr_at, train
+
+
+def _subject(seed: int) -> Subject:
+    rng = np.random.default_rng(seed)
+    img = rng.normal(0, 1, (2, 24, 20, 22)).astype(np.float32) + 3
+    mask = np.zeros((24, 20, 22), np.uint8)
+    mask[8:12, 6:10, 9:12] = 1
+    img[0][mask > 0] += 2
+    return Subject(img, np.eye(4), (1.0, 1.0, 1.0), nib.Nifti1Header(), mask)
+
+
+KW = dict(arguments={"channels": [4, 8], "strides": [2]}, roi_size=(16, 16, 16), steps=6,
+          val_every=3, progress=False, warmup=2, checkpoint_every=1)
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    subs = [_subject(0), _subject(1)]
+    val = [_subject(2)]
+    a = train(subs, val, tmp_path / "a", **KW)
+    s = train(subs, val, tmp_path / "b", stop_after=4, **KW)
+    assert s == {"stopped_at": 4}
+    assert (tmp_path / "b" / "train_state.pt").is_file()
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+    b = train(subs, val, tmp_path / "b", resume=True, **KW)
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k  # bit for bit
+    la, lb = _weights(tmp_path / "a" / "last"), _weights(tmp_path / "b" / "last")
+    assert all(torch.equal(la[k], lb[k]) for k in la)
+    ha = json.loads((tmp_path / "a" / "history.json").read_text())
+    hb = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
+    assert [h["val_ndsc"] for h in ha] == [h["val_ndsc"] for h in hb]
+    assert a["weights"] == b["weights"] == "EMA"
+    assert not (tmp_path / "b" / "train_state.pt").exists()  # removed when finished
+    assert (tmp_path / "b" / "history.png").stat().st_size > 0
+    # EMA weights differ from the raw last-step weights
+    assert any(not torch.equal(wa[k], la[k]) for k in wa if wa[k].is_floating_point())
+
+
+def test_resume_without_state_is_refused(tmp_path):
+    with pytest.raises(InputError, match="train_state.pt not found"):
+        train([_subject(0)], [], tmp_path / "c", resume=True, **KW)
+
+
+def test_lr_schedule():
+    assert lr_at(1, 100, 1e-3, warmup=10) == pytest.approx(1e-4)
+    assert lr_at(10, 100, 1e-3, warmup=10) == pytest.approx(1e-3)
+    assert lr_at(100, 100, 1e-3, warmup=10) == pytest.approx(2e-5)
+    mid = lr_at(55, 100, 1e-3, warmup=10)
+    assert mid == pytest.approx(1e-3 * (0.02 + 0.98 * 0.5))
+
+
+def test_recipes_keep_patch_shape_and_labels_binary():
+    item = {"image": torch.from_numpy(_subject(0).image),
+            "label": torch.from_numpy(_subject(0).mask[None].astype(np.float32))}
+    flat = item["label"].reshape(-1) > 0
+    item["fg_idx"], item["bg_idx"] = np.flatnonzero(flat), np.flatnonzero(~flat)
+    for recipe in ("v1", "v2"):
+        xf = augmentations((16, 16, 16), 2, recipe)
+        xf.set_random_state(seed=0)
+        for _ in range(5):
+            out = xf(item)
+            assert len(out) == 2
+            for o in out:
+                assert tuple(o["image"].shape) == (2, 16, 16, 16)
+                assert set(np.unique(np.asarray(o["label"]))) <= {0.0, 1.0}
+    with pytest.raises(InputError, match="unknown training recipe"):
+        augmentations((16, 16, 16), 2, "v9")
