@@ -524,6 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    from .errors import ModelWarning
+
+    warnings.simplefilter("ignore", ModelWarning)  # printed as one line by the commands
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -23,3 +23,9 @@ class ModelError(InstanceSaliencyError):
 
 class OutputError(InstanceSaliencyError):
     """An output location cannot be used (exists without ``--overwrite``, not writable)."""
+
+
+class ModelWarning(UserWarning):
+    """Something about a model the user should know (e.g. its custom nnU-Net trainer class is
+    not installed, so the network was built as the base trainer builds it). The command line
+    prints these itself, as ``instance-saliency: warning: ...``."""

@@ -155,7 +155,39 @@ def pool_instances(out: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
                                            "distance_mm", "mean", "voxels"]))
     instances["subject"] = instances["subject"].astype(str)
     profiles["subject"] = profiles["subject"].astype(str)
+    instances, profiles = _canonical_channels(instances, profiles)
     instances.attrs["subjects"] = [d.name for d in dirs]
+    return instances, profiles
+
+
+def _canonical_channels(instances: pd.DataFrame, profiles: pd.DataFrame):
+    """Name the channels as the statistics do: a model's T1-weighted channel (``t1``, ``t1w``,
+    ``mprage``, ...) becomes ``mprage`` and its FLAIR channel (``flair``, ``t2_flair``, ...)
+    ``flair``, so cohorts explained with nnU-Net models (e.g. channels FLAIR, T1) get the same
+    FLAIR-versus-MPRAGE and rim analyses."""
+    from .models.channels import canonical
+
+    names = {"t1": "mprage", "flair": "flair"}
+    methods = {c.split("_")[0] for c in instances.columns if "_" in c}
+    rename = {}
+    for col in instances.columns:
+        for m in methods:
+            pre = f"{m}_"
+            if not col.startswith(pre):
+                continue
+            rest = col[len(pre):]
+            for suffix in ("_peak_max", "_peak_min", "_mean_in", "_sum_in", "_sum_abs", "_share"):
+                if rest.endswith(suffix) or "_rim_" in rest:
+                    ch = rest.split("_rim_")[0] if "_rim_" in rest else rest[: -len(suffix)]
+                    new = names.get(canonical(ch))
+                    if new and new != ch:
+                        rename[col] = pre + new + rest[len(ch):]
+                    break
+    if rename:
+        instances = instances.rename(columns=rename)
+    if len(profiles) and "channel" in profiles:
+        profiles = profiles.assign(channel=[names.get(canonical(c), c)
+                                            for c in profiles["channel"].astype(str)])
     return instances, profiles
 
 

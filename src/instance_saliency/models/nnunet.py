@@ -52,7 +52,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import InputError, ModelError
+from ..errors import InputError, ModelError, ModelWarning
 from .base import Prepared, SegmentationModel, ensemble_members
 
 NNUNET_EXTRA = "pip install 'instance-saliency[nnunet]'"
@@ -69,8 +69,16 @@ def is_nnunet_folder(folder: str | os.PathLike) -> bool:
 
 
 def _import_nnunet(folder) -> None:
+    """Import nnunetv2 (and its path module, which prints three lines about nnUNet_raw /
+    nnUNet_preprocessed / nnUNet_results when they are unset: irrelevant for inference from a
+    results folder, so they are kept off the user's terminal)."""
+    import contextlib
+    import io
+
     try:
-        import nnunetv2  # noqa: F401
+        with contextlib.redirect_stdout(io.StringIO()):
+            import nnunetv2  # noqa: F401
+            import nnunetv2.paths  # noqa: F401
     except ImportError:
         raise ModelError(f"{folder} is an nnU-Net v2 model folder, but nnunetv2 is not "
                          f"installed; install the extra: {NNUNET_EXTRA}") from None
@@ -531,5 +539,5 @@ def load_nnunet_model(folder: str | os.PathLike, device: str | torch.device = "c
     model.reader = reader
     model.warnings = notes
     for msg in notes:
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(msg, ModelWarning, stacklevel=2)
     return model
