@@ -510,3 +510,57 @@ def test_core_package_does_not_import_nnunetv2():
 def test_nnunet_options_refused_for_our_checkpoints():
     with pytest.raises(InputError, match="apply to nnU-Net model folders only"):
         load_model(None, folds=[0])
+
+
+# --------------------------------------------------------------------------------------------
+# end to end on a full-size real scan
+
+
+@needs_data
+@pytest.mark.parametrize("folder,channels", [(FT1, ("FLAIR", "T1")), (FLAIR_ONLY, ("FLAIR",))])
+def test_explain_full_size_scan_end_to_end(tmp_path, capsys, folder, channels):
+    """``explain --model NNUNET_FOLDER`` on full-size patient07 (182 x 218 x 182): every output
+    on the input grid and affine, columns per the model's channels. Only the largest predicted
+    lesions (--min-size) and one noise sample keep it short; fold 0, no mirroring."""
+    from instance_saliency.cli import main
+
+    p = datasets.fetch_subject("patient07", DATA)
+    files = {"FLAIR": p["flair"], "T1": p["mprage"]}
+    out = tmp_path / "out"
+    argv = ["explain", "--model", str(folder), "--folds", "0", "--no-mirroring",
+            "--n-samples", "1", "--min-size", "3000", "--min-size-unit", "mm3", "--no-figures",
+            "--quiet", "--out", str(out)]
+    for c in channels:
+        argv += ["--image", f"{c}={files[c]}"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "instance-saliency: warning: trainer class 'nnUNetTrainer_ISFixture'" in err
+    ref = nib.load(p["flair"])
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"]["kind"] == "nnunet" and run["model"]["channels"] == list(channels)
+    assert run["grids"]["exact"] is True and run["summary"]["threshold"] == "argmax"
+    assert run["model"]["warnings"]
+    for name in ("prediction_prob", "prediction_mask", "instances"):
+        img = nib.load(out / f"{name}.nii.gz")
+        assert img.shape == ref.shape and np.allclose(img.affine, ref.affine)
+    import pandas as pd
+
+    table = pd.read_csv(out / "instances.csv")
+    assert len(table) >= 1 and (table["status"] == "unknown").all()
+    lab = np.asarray(nib.load(out / "instances.nii.gz").dataobj)
+    for c in channels:
+        col = f"smoothgrad_{c.lower()}_sum_abs"
+        assert (table[col] > 0).all()
+    assert ("smoothgrad_flair_share" in table) == (len(channels) > 1)
+    for _, r in table.iterrows():
+        sg = nib.load(out / "saliency" / "smoothgrad" / f"lesion_{int(r['label']):03d}.nii.gz")
+        assert sg.shape == ref.shape + ((len(channels),) if len(channels) > 1 else ())
+        assert np.allclose(sg.affine, ref.affine)
+        data = np.asarray(sg.dataobj)
+        flair = data[..., 0] if data.ndim == 4 else data
+        m = lab == int(r["label"])
+        assert m.sum() == r["voxels"]
+        # the map is there, around this lesion (a transposed map would miss it)
+        assert np.abs(flair[m]).sum() > 0
+        cam = nib.load(out / "saliency" / "gradcampp" / f"lesion_{int(r['label']):03d}.nii.gz")
+        assert cam.shape == ref.shape

@@ -162,6 +162,14 @@ def _explain_config(a):
         figures=not a.no_figures, device=a.device, **_model_options(a))
 
 
+def _cli_log(msg: str) -> None:
+    """Progress lines to stdout; warnings as ``instance-saliency: warning: …`` to stderr."""
+    if msg.startswith("warning: "):
+        print(f"instance-saliency: {msg}", file=sys.stderr)
+    else:
+        print(msg)
+
+
 def _model_options(a) -> dict:
     """nnU-Net / ensemble options of the command line, as ExplainConfig fields."""
     return {"folds": tuple(a.folds) if a.folds else None, "checkpoint": a.checkpoint,
@@ -191,7 +199,7 @@ def cmd_explain(a) -> int:
 
     images = parse_image_options(a.image, a.flair, a.mprage)
     explain(None, None, a.out, mask=a.mask, model_dir=a.model, config=_explain_config(a),
-            overwrite=a.overwrite, progress=not a.quiet, images=images)
+            overwrite=a.overwrite, progress=not a.quiet, images=images, log=_cli_log)
     return 0
 
 
@@ -211,7 +219,7 @@ def cmd_demo(a) -> int:
     if a.verify_only:
         return 0
     explain(paths["flair"], paths["mprage"], a.out, mask=paths["mask"], model_dir=a.model,
-            config=_explain_config(a), overwrite=a.overwrite, progress=not a.quiet)
+            config=_explain_config(a), overwrite=a.overwrite, progress=not a.quiet, log=_cli_log)
     return 0
 
 
@@ -320,7 +328,8 @@ def cmd_cohort(a) -> int:
     shard = parse_shard(a.shard) if a.shard else None
     res = run_cohort(a.data, a.out, _explain_config(a), model_dir=a.model, shard=shard,
                      overwrite=a.overwrite, progress=not a.quiet,
-                     allow_outside_root=a.allow_outside_root, n_boot=a.n_boot, seed=a.seed)
+                     allow_outside_root=a.allow_outside_root, n_boot=a.n_boot, seed=a.seed,
+                     log=_cli_log)
     return 1 if res["failed"] else 0
 
 
