@@ -74,7 +74,7 @@ def test_recipes_keep_patch_shape_and_labels_binary():
             "label": torch.from_numpy(_subject(0).mask[None].astype(np.float32))}
     flat = item["label"].reshape(-1) > 0
     item["fg_idx"], item["bg_idx"] = np.flatnonzero(flat), np.flatnonzero(~flat)
-    for recipe in ("v1", "v2"):
+    for recipe in ("v1", "v2", "v3"):
         xf = augmentations((16, 16, 16), 2, recipe)
         xf.set_random_state(seed=0)
         for _ in range(5):

@@ -43,7 +43,12 @@ def _load_manifest_subjects(manifest: str, allow_outside_root: bool = False):
         more = " ..." if len(no_mask) > 5 else ""
         raise InputError(f"manifest {manifest}: training needs a lesion mask for every subject; "
                          f"none for {', '.join(no_mask[:5])}{more}")
-    return [load_subject(c.flair, c.mprage, c.mask) for c in cases]
+    out = []
+    for c in cases:
+        s = load_subject(c.flair, c.mprage, c.mask)
+        s.paths["subject"] = c.subject
+        out.append(s)
+    return out
 
 
 def _check_train_options(a) -> dict:
@@ -100,8 +105,11 @@ def cmd_train(a) -> int:
                           f"to replace")
     tr = [_subject_from_args(n, a.data_dir) for n in a.train_subjects]
     va = [_subject_from_args(n, a.data_dir) for n in a.val_subjects]
+    names = list(a.train_subjects)
     if a.manifest:
-        tr += _load_manifest_subjects(a.manifest, a.allow_outside_root)
+        extra = _load_manifest_subjects(a.manifest, a.allow_outside_root)
+        tr += extra
+        names += [s.paths["subject"] for s in extra]
     if not tr:
         raise InputError("no training subjects (use --train-subjects or --manifest)")
     for s in tr:
@@ -131,6 +139,7 @@ def cmd_train(a) -> int:
                         ema_decay=a.ema_decay, warmup=a.warmup,
                         checkpoint_every=a.checkpoint_every, resume=a.resume,
                         stop_after=a.stop_after or None, save_val_prob=a.save_val_prob,
+                        trained_on=names,
                         command="instance-saliency "
                         + " ".join(shlex.quote(x) for x in sys.argv[1:]),
                         data_description=data)
@@ -205,7 +214,7 @@ def cmd_explain(a) -> int:
 
 def cmd_demo(a) -> int:
     from . import datasets
-    from .explain import explain
+    from .explain import check_device, explain
     from .io import load_subject
 
     paths = datasets.fetch_subject(datasets.DEMO_SUBJECT, a.data_dir)
@@ -218,8 +227,23 @@ def cmd_demo(a) -> int:
           f"{s.orientation}, {n} consensus lesions (26-connected)")
     if a.verify_only:
         return 0
+    model = None
+    from .models import model_kind
+
+    if model_kind(a.model) == "checkpoint":  # keep the demo honest: no member saw the scan
+        from .models import load_checkpoint_model
+
+        check_device(a.device)
+        model = load_checkpoint_model(a.model, a.device,
+                                      False if a.no_mirroring else None,
+                                      exclude_subjects=[datasets.DEMO_SUBJECT])
+        used = model.info["members_trained_on"]
+        print("model: " + "; ".join(f"{u['member']} (trained on {', '.join(u['trained_on']) or 'unknown scans'})"
+                                    for u in used)
+              + f" — never saw {datasets.DEMO_SUBJECT}")
     explain(paths["flair"], paths["mprage"], a.out, mask=paths["mask"], model_dir=a.model,
-            config=_explain_config(a), overwrite=a.overwrite, progress=not a.quiet, log=_cli_log)
+            config=_explain_config(a), overwrite=a.overwrite, progress=not a.quiet, log=_cli_log,
+            model=model)
     return 0
 
 
@@ -434,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--val-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--recipe", default="v2", choices=["v1", "v2"],
+    t.add_argument("--recipe", default="v2", choices=["v1", "v2", "v3"],
                    help="augmentation recipe (v2: spatial + intensity augmentation; see the "
                    "model card)")
     t.add_argument("--ema-decay", type=float, default=0.999,

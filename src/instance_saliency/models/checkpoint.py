@@ -52,6 +52,9 @@ class ModelConfig:
     members : list of str
         Ensemble: sub-folders (each a checkpoint of this architecture) whose logits are
         averaged; the folder then holds no weights of its own.
+    trained_on : list of str
+        Subjects (public registry names or manifest names) whose scans trained these weights;
+        used to keep a demo honest (members that saw the demo scan are left out).
     training : dict
         Training summary (command, data, steps, validation figures, time).
     """
@@ -66,6 +69,7 @@ class ModelConfig:
     lesion_class: int = 1
     mirror_axes: list = field(default_factory=list)
     members: list = field(default_factory=list)
+    trained_on: list = field(default_factory=list)
     training: dict = field(default_factory=dict)
 
     @classmethod
@@ -179,7 +183,8 @@ def _load_network(folder: Path, cfg: ModelConfig, cfg_path: Path) -> torch.nn.Mo
 
 
 def load_checkpoint_model(folder: str | os.PathLike | None = None,
-                          device: str | torch.device = "cpu", mirroring: bool | None = None):
+                          device: str | torch.device = "cpu", mirroring: bool | None = None,
+                          exclude_subjects=()):
     """Load a checkpoint folder (single network or ensemble) as a
     :class:`~.base.SegmentationModel`; never unpickles.
 
@@ -190,6 +195,9 @@ def load_checkpoint_model(folder: str | os.PathLike | None = None,
     device : str or torch.device
     mirroring : bool, optional
         Override the test-time mirroring of ``config.json`` (``False``: none).
+    exclude_subjects : sequence of str
+        Leave out ensemble members trained on any of these subjects (``trained_on``), e.g. the
+        scan being explained in the demo, so that its TP/FP/FN come from unseen data.
 
     Raises
     ------
@@ -207,6 +215,8 @@ def load_checkpoint_model(folder: str | os.PathLike | None = None,
     if not isinstance(cfg.channels, list) or not cfg.channels or len(cfg.channels) != n_in:
         raise ModelError(f"{cfg_path} declares {len(cfg.channels or [])} input channel(s) "
                          f"{cfg.channels}, but its network takes {n_in}")
+    excluded = {str(s_) for s_ in exclude_subjects}
+    used_on: list = []
     if cfg.members:
         nets = []
         for name in cfg.members:
@@ -217,9 +227,18 @@ def load_checkpoint_model(folder: str | os.PathLike | None = None,
             for key in ("architecture", "arguments", "channels", "roi_size", "normalisation"):
                 if getattr(mcfg, key) != getattr(cfg, key):
                     raise ModelError(f"ensemble member {sub} differs from {cfg_path} in {key!r}")
+            if excluded & set(mcfg.trained_on):
+                continue
+            used_on.append({"member": str(name), "trained_on": list(mcfg.trained_on)})
             nets.append((str(name), _load_network(sub, mcfg, sub / CONFIG_NAME).to(device)))
+        if not nets:
+            raise ModelError(f"every member of {folder} was trained on "
+                             f"{', '.join(sorted(excluded))}")
     else:
+        if excluded & set(cfg.trained_on):
+            raise ModelError(f"{folder} was trained on {', '.join(sorted(excluded))}")
         nets = [("model", _load_network(folder, cfg, cfg_path).to(device))]
+        used_on.append({"member": "model", "trained_on": list(cfg.trained_on)})
     axes = [] if mirroring is False else list(cfg.mirror_axes)
     model = SegmentationModel(
         ensemble_members(nets, axes), cfg.channels,
@@ -228,7 +247,8 @@ def load_checkpoint_model(folder: str | os.PathLike | None = None,
         cam_layer=DEFAULT_CAM_LAYER.get(cfg.architecture), roi_size=cfg.roi_size,
         overlap=cfg.overlap,
         info={"architecture": cfg.architecture, "mirror_axes": axes,
-              "config": asdict(cfg)})
+              "members_trained_on": used_on,
+              "excluded_subjects": sorted(excluded), "config": asdict(cfg)})
     model.kind = "checkpoint"
     model.config = cfg
     return model
