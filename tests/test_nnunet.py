@@ -564,3 +564,93 @@ def test_explain_full_size_scan_end_to_end(tmp_path, capsys, folder, channels):
         assert np.abs(flair[m]).sum() > 0
         cam = nib.load(out / "saliency" / "gradcampp" / f"lesion_{int(r['label']):03d}.nii.gz")
         assert cam.shape == ref.shape
+
+
+# --------------------------------------------------------------------------------------------
+# any channels: a FLAIR-only nnU-Net cohort, a three-channel torch module
+
+
+def _crop_to(path: Path, dst: Path, box) -> Path:
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj)[box]
+    aff = img.affine.copy()
+    aff[:3, 3] = img.affine[:3, :3] @ np.array([b.start for b in box]) + img.affine[:3, 3]
+    nib.save(nib.Nifti1Image(data, aff), str(dst))
+    return dst
+
+
+@needs_data
+def test_cohort_with_a_flair_only_nnunet_model(tmp_path, capsys):
+    """An nnU-Net raw layout with one channel (``_0000`` = FLAIR) and the FLAIR-only model:
+    every subject explained, the cohort statistics run (no FLAIR/MPRAGE comparison)."""
+    from instance_saliency.cli import main
+
+    box = (slice(60, 124), slice(85, 165), slice(70, 142))
+    root = tmp_path / "raw"
+    (root / "imagesTs").mkdir(parents=True)
+    (root / "labelsTs").mkdir()
+    for s in ("patient07", "patient19"):
+        p = datasets.fetch_subject(s, DATA)
+        _crop_to(p["flair"], root / "imagesTs" / f"{s}_0000.nii.gz", box)
+        _crop_to(p["mask"], root / "labelsTs" / f"{s}.nii.gz", box)
+    out = tmp_path / "cohort"
+    rc = main(["cohort", "--data", str(root), "--out", str(out), "--model", str(FLAIR_ONLY),
+               "--no-mirroring", "--n-samples", "1", "--min-size", "200", "--min-size-unit",
+               "mm3", "--no-figures", "--quiet", "--n-boot", "20", "--methods", "smoothgrad"])
+    assert rc == 0, capsys.readouterr().err
+    import pandas as pd
+
+    for s in ("patient07", "patient19"):
+        run = json.loads((out / "subjects" / s / "run.json").read_text())
+        assert run["model"]["channels"] == ["FLAIR"]
+        t = pd.read_csv(out / "subjects" / s / "instances.csv")
+        assert "smoothgrad_flair_mean_in" in t and "smoothgrad_flair_share" not in t
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["n_subjects"] == 2
+    assert stats["flair_vs_mprage"]["available"] is False
+
+
+def test_three_channel_module_end_to_end(tmp_path):
+    """Any torch module with three named channels: explain matches the images by name, writes
+    one column group per channel and the first channel's share."""
+    import pandas as pd
+
+    from instance_saliency.explain import ExplainConfig, explain
+    from instance_saliency.models import from_module
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv3d(4, 2, 1))
+    with torch.no_grad():
+        for p_ in net.parameters():
+            p_.zero_()
+        net[0].weight[0, 0, 1, 1, 1] = 1.0
+        net[0].weight[0, 2, 1, 1, 1] = 0.5
+        net[2].weight[1, 0] = 6.0
+        net[2].bias[1] = -9.0
+    model = from_module(net, channels=["FLAIR", "T1", "T2"], roi_size=(16, 16, 16),
+                        cam_layer="0")
+    rng = np.random.default_rng(0)
+    shape = (24, 26, 22)
+    imgs = {}
+    for k, name in enumerate(("flair", "t1w", "T2")):
+        a = rng.normal(10, 1, shape).astype(np.float32)
+        if k == 0:
+            a[8:12, 9:13, 7:10] += 8
+        imgs[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(a, np.diag([1.0, 1.2, 0.9, 1.0])), str(imgs[name]))
+    out = tmp_path / "out"
+    explain(None, None, out, images=imgs, model=model,
+            config=ExplainConfig(n_samples=1, figures=False), progress=False, log=lambda m: None)
+    t = pd.read_csv(out / "instances.csv")
+    assert len(t) >= 1
+    for ch in ("flair", "t1", "t2"):
+        assert f"smoothgrad_{ch}_sum_abs" in t
+    assert "smoothgrad_flair_share" in t
+    share = t["smoothgrad_flair_share"].iloc[0]
+    total = sum(t[f"smoothgrad_{c}_sum_abs"].iloc[0] for c in ("flair", "t1", "t2"))
+    assert share == pytest.approx(t["smoothgrad_flair_sum_abs"].iloc[0] / total)
+    sg = nib.load(out / "saliency" / "smoothgrad" / "lesion_001.nii.gz")
+    assert sg.shape == shape + (3,)
+    # T1 does not enter the lesion logit: its map is zero
+    assert np.abs(np.asarray(sg.dataobj)[..., 1]).max() == 0
