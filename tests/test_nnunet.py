@@ -189,12 +189,8 @@ def _agree(model_dir, folds, mirroring, image, spacing):
     float16 accumulation: reproducing it gives nnU-Net's probabilities to 1e-5; in float32 the
     difference is measured and bounded (it is largest at the corners of the padded image, where
     one window covers a voxel with a Gaussian weight near float16's smallest numbers)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = load_model(model_dir, folds=list(folds), mirroring=mirroring)
-        pred = _predictor(model_dir, folds, mirroring)
+    model = load_model(model_dir, folds=list(folds), mirroring=mirroring)
+    pred = _predictor(model_dir, folds, mirroring)
     prep, _, probs = _ours(model, image, spacing)
     seg_t, probs_t = _theirs(pred, image, spacing)
     assert probs.shape == probs_t.shape == (len(model.class_names),) + image.shape[1:]
@@ -288,12 +284,8 @@ def _reference_logits(nets, axes, x, cm_patch, step):
 
 @needs_data
 def test_exact_gradient_with_mirroring_and_two_folds(scan):
-    import warnings
-
     image, _ = scan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = load_model(FT1, folds=[0, 1], mirroring=True)
+    model = load_model(FT1, folds=[0, 1], mirroring=True)
     # a small non-cubic region keeps the reference (full autograd graph) cheap
     sub = image[:, 10:80, 15:90, 8:70]
     prep = model.prepare(sub, (1.0, 1.0, 1.0))
@@ -331,12 +323,8 @@ def test_maps_land_on_the_user_grid_in_its_axis_order(scan, spacing):
     spacing (resampled both ways): an instance mask goes to the network grid and back to the
     same voxels, and the instance's own SmoothGrad map, brought back to the user grid, peaks at
     the instance (not at a transposed or mirrored place)."""
-    import warnings
-
     image, _ = scan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = load_model(FT1, folds=[0], mirroring=False)
+    model = load_model(FT1, folds=[0], mirroring=False)
     prep = model.prepare(image, spacing)
     m = np.zeros(image.shape[1:], bool)
     m[40:44, 52:55, 20:26] = True  # asymmetric box: a swap or flip moves it
@@ -358,12 +346,8 @@ def test_maps_land_on_the_user_grid_in_its_axis_order(scan, spacing):
 
 @needs_data
 def test_gradcampp_runs_on_every_member(scan):
-    import warnings
-
     image, _ = scan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = load_model(FT1, folds=[0, 1], mirroring=True)
+    model = load_model(FT1, folds=[0, 1], mirroring=True)
     prep = model.prepare(image, (1.0, 1.0, 1.0))
     m = np.zeros(prep.x.shape[1:], bool)
     m[40:44, 50:53, 38:41] = True
