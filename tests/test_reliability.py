@@ -933,3 +933,20 @@ def test_evaluate_out_folder_and_analyze_unknown_method(world, tmp_path, capsys)
     assert rc == 0, err
     rc, _, err = run_cli(["analyze", out, "--method", "foo", "--n-boot", "0"], capsys)
     assert_one_line_error(rc, err, "available: ")
+
+
+def test_overwrite_refuses_a_run_folder_holding_user_files(tmp_path):
+    """Found by a fresh user: --overwrite of a finished run must not delete files the user
+    added to it."""
+    from instance_saliency.errors import OutputError
+    from instance_saliency.explain import check_output_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    (out / "instances.csv").write_text("")
+    check_output_folder(out, overwrite=True)  # only run files: may be replaced
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"not part of a run \(notes.txt\)"):
+        check_output_folder(out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"

@@ -24,6 +24,10 @@ from .errors import InputError, ModelError, OutputError
 
 METHODS = ("smoothgrad", "gradcampp")
 RUN_FILE = "run.json"
+#: everything a run writes into its folder (anything else there belongs to the user)
+RUN_ENTRIES = {"prediction_prob.nii.gz", "prediction_mask.nii.gz", "instances.nii.gz",
+               "saliency", "instances.csv", "profiles.csv", "figures", "report.html",
+               RUN_FILE}
 
 
 @dataclass
@@ -218,6 +222,11 @@ def check_output_folder(out: Path, overwrite: bool, inputs=()) -> None:
         if not overwrite:
             raise OutputError(f"output folder {out} already holds a finished run; use "
                               "--overwrite to replace it")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES)
+        if foreign:
+            raise OutputError(f"output folder {out} holds files that are not part of a run "
+                              f"({', '.join(foreign[:3])}); --overwrite would delete them: "
+                              "move them or choose another --out")
 
 
 def prepare_output(out: Path, overwrite: bool, inputs=()) -> Path:

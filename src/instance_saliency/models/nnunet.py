@@ -419,7 +419,8 @@ def load_nnunet_model(folder: str | os.PathLike, device: str | torch.device = "c
         ``<Trainer>__<Plans>__<configuration>/`` with ``dataset.json``, ``plans.json`` and
         ``fold_<f>/<checkpoint>``.
     folds : sequence of int or "all", optional
-        Folds to average (nnU-Net's ``-f``); default every fold present.
+        Folds to average (nnU-Net's ``-f``); default every numbered fold present
+        (``fold_all`` only when asked for, as nnU-Net does).
     checkpoint : str
         ``checkpoint_final.pth`` (default) or ``checkpoint_best.pth``.
     mirroring : bool
@@ -454,9 +455,11 @@ def load_nnunet_model(folder: str | os.PathLike, device: str | torch.device = "c
                          f"checkpoint_latest.pth, got {checkpoint!r}")
     present = available_folds(folder, checkpoint)
     if folds is None or len(folds) == 0:
-        if not present:
-            raise ModelError(f"nnU-Net model folder {folder} has no fold_*/{checkpoint}")
-        folds = present
+        # as nnU-Net's auto_detect_available_folds: fold_all only when asked for
+        folds = [f for f in present if f != "all"]
+        if not folds:
+            raise ModelError(f"nnU-Net model folder {folder} has no fold_*/{checkpoint} "
+                             "(fold_all is used only with --folds all)")
     else:
         want = []
         for f in folds:
