@@ -82,6 +82,16 @@ class Member:
         return self._module
 
 
+def distinct_networks(members: Sequence[Member]) -> list[torch.nn.Module]:
+    """The underlying networks of ``members``, each once, in order (one per fold)."""
+    out, seen = [], set()
+    for m in members:
+        if id(m.net) not in seen:
+            seen.add(id(m.net))
+            out.append(m.net)
+    return out
+
+
 class EnsembleNetwork(torch.nn.Module):
     """Weighted average of the members' logits, window by window.
 
@@ -93,12 +103,7 @@ class EnsembleNetwork(torch.nn.Module):
         super().__init__()
         self.members = list(members)
         # register each distinct network once (parameters, .to(), .eval())
-        nets, seen = [], set()
-        for m in self.members:
-            if id(m.net) not in seen:
-                seen.add(id(m.net))
-                nets.append(m.net)
-        self.nets = torch.nn.ModuleList(nets)
+        self.nets = torch.nn.ModuleList(distinct_networks(self.members))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = None
@@ -261,12 +266,7 @@ class SegmentationModel:
     @property
     def networks(self) -> list[torch.nn.Module]:
         """The distinct underlying networks (one per fold)."""
-        out, seen = [], set()
-        for m in self.members:
-            if id(m.net) not in seen:
-                seen.add(id(m.net))
-                out.append(m.net)
-        return out
+        return distinct_networks(self.members)
 
     def to(self, device) -> "SegmentationModel":
         for n in self.networks:

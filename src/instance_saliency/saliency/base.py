@@ -45,15 +45,10 @@ def model_state_guard(model: torch.nn.Module, eval_mode: bool = True) -> Iterato
 def models_state_guard(model, eval_mode: bool = True):
     """:func:`model_state_guard` over every distinct network of a model (a torch module, or a
     :class:`~instance_saliency.models.SegmentationModel` with several folds)."""
-    from ..models.base import members_of
+    from ..models.base import distinct_networks, members_of
 
-    nets, seen = [], set()
-    for m in members_of(model):
-        if id(m.net) not in seen:
-            seen.add(id(m.net))
-            nets.append(m.net)
     with contextlib.ExitStack() as stack:
-        for n in nets:
+        for n in distinct_networks(members_of(model)):
             stack.enter_context(model_state_guard(n, eval_mode))
         yield model
 
