@@ -20,7 +20,11 @@ from instance_saliency.io import (
     load_mask,
     load_subject,
     load_volume,
+    HISTOGRAM_PERCENTILES,
+    histogram_landmarks,
+    normalise,
     save_map,
+    standardise_histogram,
     zscore_nonzero,
 )
 
@@ -366,6 +370,80 @@ def test_zscore_constant_and_empty_channel():
     x[1] = 0
     with pytest.raises(InputError, match="channel 1 is all zero"):
         zscore_nonzero(x)
+
+
+# ------------------------------------------------------------------ histogram standardisation
+
+
+def _two_site_image(seed, scale, offset, shape=(2, 20, 21, 22)):
+    rng = np.random.default_rng(seed)
+    x = rng.gamma(4.0, 1.0, shape) * scale + offset
+    x[:, :4] = 0  # background
+    return x
+
+
+def test_histogram_landmarks_are_zscore_percentiles():
+    x = _two_site_image(0, 30.0, 5.0)
+    lm = histogram_landmarks(x)
+    z = zscore_nonzero(x)
+    assert lm.shape == (2, len(HISTOGRAM_PERCENTILES))
+    for c in range(2):
+        np.testing.assert_allclose(lm[c], np.percentile(z[c][z[c] != 0], HISTOGRAM_PERCENTILES))
+        assert np.all(np.diff(lm[c]) > 0)
+
+
+def test_standardise_histogram_maps_landmarks_onto_the_standard():
+    x = _two_site_image(1, 30.0, 5.0)
+    standard = np.array([np.linspace(-2.0, 3.0, 11), np.linspace(-1.0, 1.0, 11) ** 3 + np.arange(11)])
+    y = standardise_histogram(x, standard)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    assert (y[:, :4] == 0).all()  # background stays exactly 0
+    # the output's landmarks are the standard ones (up to percentile interpolation)
+    for c in range(2):
+        got = np.percentile(y[c][x[c] != 0], HISTOGRAM_PERCENTILES)
+        np.testing.assert_allclose(got, standard[c], atol=0.02)
+    # monotonic: intensity order inside the foreground is kept
+    fg = x[0] != 0
+    order = np.argsort(x[0][fg], kind="stable")
+    assert np.all(np.diff(y[0][fg][order]) >= -1e-6)
+    # values beyond the 1st / 99th percentile continue the end segments' slopes
+    z = zscore_nonzero(x)[0]
+    lm = histogram_landmarks(x)[0]
+    i = np.unravel_index(np.argmax(np.where(fg, z, -np.inf)), z.shape)
+    slope = (standard[0][-1] - standard[0][-2]) / (lm[-1] - lm[-2])
+    assert y[0][i] == pytest.approx(standard[0][-1] + (z[i] - lm[-1]) * slope, rel=1e-5)
+
+
+def test_histogram_standardisation_brings_two_intensity_scales_together():
+    """Two sites whose tissue histograms differ in shape (not just scale): after z-scoring their
+    landmarks differ; after standardisation onto one standard they agree."""
+    a = _two_site_image(2, 1.0, 0.0)
+    b = _two_site_image(3, 1.0, 0.0) ** 1.6  # another contrast curve
+    standard = (histogram_landmarks(a) + histogram_landmarks(b)) / 2
+    za, zb = zscore_nonzero(a), zscore_nonzero(b)
+    before = np.abs(np.percentile(za[0][za[0] != 0], 90) - np.percentile(zb[0][zb[0] != 0], 90))
+    ya, yb = standardise_histogram(a, standard), standardise_histogram(b, standard)
+    after = np.abs(np.percentile(ya[0][a[0] != 0], 90) - np.percentile(yb[0][b[0] != 0], 90))
+    assert before > 0.05 and after < 0.01
+
+
+def test_normalise_dispatch_and_errors():
+    x = _two_site_image(4, 10.0, 1.0)
+    np.testing.assert_array_equal(normalise(x), zscore_nonzero(x))
+    lm = histogram_landmarks(x)
+    np.testing.assert_array_equal(normalise(x, "histogram", lm), standardise_histogram(x, lm))
+    with pytest.raises(InputError, match="unknown normalisation 'minmax'"):
+        normalise(x, "minmax")
+    with pytest.raises(InputError, match="needs the model's standard landmarks"):
+        normalise(x, "histogram", None)
+    with pytest.raises(InputError, match="2 increasing rows of 11 values"):
+        standardise_histogram(x, lm[:, ::-1])
+    with pytest.raises(InputError, match="2 increasing rows of 11 values"):
+        standardise_histogram(x, lm[:1])
+    flat = np.zeros((1, 5, 5, 5))
+    flat[0, 1:3] = 7.0
+    with pytest.raises(InputError, match="too few distinct intensities"):
+        histogram_landmarks(flat)
 
 
 # ------------------------------------------------------------------ save_map

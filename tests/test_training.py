@@ -85,3 +85,31 @@ def test_recipes_keep_patch_shape_and_labels_binary():
                 assert set(np.unique(np.asarray(o["label"]))) <= {0.0, 1.0}
     with pytest.raises(InputError, match="unknown training recipe"):
         augmentations((16, 16, 16), 2, "v9")
+
+
+def test_histogram_normalisation_is_learnt_on_training_scans_and_used_at_inference(tmp_path):
+    """``normalisation="histogram"``: the standard scale is the mean of the training scans'
+    landmarks, stored in config.json, and the loaded model prepares inputs with it."""
+    from instance_saliency.io import histogram_landmarks, standardise_histogram
+    from instance_saliency.models import load_model
+
+    subs = [_subject(0), _subject(1)]
+    subs[1] = Subject(subs[1].image ** 1.5, subs[1].affine, subs[1].spacing, subs[1].header,
+                      subs[1].mask)  # a second "site" with another contrast curve
+    train(subs, [_subject(2)], tmp_path / "h", normalisation="histogram",
+          **{**KW, "steps": 2, "val_every": 2})
+    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert cfg["normalisation"] == "histogram"
+    expected = (histogram_landmarks(subs[0].image) + histogram_landmarks(subs[1].image)) / 2
+    np.testing.assert_allclose(cfg["landmarks"], expected, atol=1e-6)
+    m = load_model(tmp_path / "h")
+    x = _subject(3).image
+    np.testing.assert_allclose(m.prepare(x, (1, 1, 1)).x,
+                               standardise_histogram(x, cfg["landmarks"]), atol=1e-5)
+    # a config whose landmarks do not fit its channels is refused in one line
+    cfg["landmarks"] = cfg["landmarks"][:1]
+    (tmp_path / "h" / "config.json").write_text(json.dumps(cfg))
+    from instance_saliency.errors import ModelError
+
+    with pytest.raises(ModelError, match="'landmarks' must be 2 increasing rows of 11"):
+        load_model(tmp_path / "h")

@@ -139,7 +139,7 @@ def cmd_train(a) -> int:
                         ema_decay=a.ema_decay, warmup=a.warmup,
                         checkpoint_every=a.checkpoint_every, resume=a.resume,
                         stop_after=a.stop_after or None, save_val_prob=a.save_val_prob,
-                        trained_on=names,
+                        trained_on=names, normalisation=a.normalisation,
                         command="instance-saliency "
                         + " ".join(shlex.quote(x) for x in sys.argv[1:]),
                         data_description=data)
@@ -461,6 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", default="v2", choices=["v1", "v2", "v3"],
                    help="augmentation recipe (v2: spatial + intensity augmentation; see the "
                    "model card)")
+    t.add_argument("--normalisation", default="zscore_nonzero",
+                   choices=["zscore_nonzero", "histogram"],
+                   help="input normalisation: per-channel z-score over non-zero voxels, or that "
+                   "followed by histogram standardisation onto the training scans' mean "
+                   "landmarks (Nyul et al. 2000; stored with the model)")
     t.add_argument("--ema-decay", type=float, default=0.999,
                    help="EMA of the weights, saved instead of the last step (0 = off)")
     t.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps "

@@ -241,6 +241,118 @@ def zscore_nonzero(image: np.ndarray) -> np.ndarray:
     return out
 
 
+#: Percentiles (of a channel's z-scored non-zero voxels) used as histogram landmarks.
+HISTOGRAM_PERCENTILES = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
+
+#: Input normalisations a checkpoint can declare (``config.json`` ``normalisation``).
+NORMALISATIONS = ("zscore_nonzero", "histogram")
+
+
+def histogram_landmarks(image: np.ndarray) -> np.ndarray:
+    """Per-channel histogram landmarks: percentiles :data:`HISTOGRAM_PERCENTILES` of the
+    z-scored non-zero voxels (:func:`zscore_nonzero`).
+
+    Parameters
+    ----------
+    image : ndarray, shape (C, *spatial)
+        Raw intensities.
+
+    Returns
+    -------
+    ndarray, shape (C, 11), float64
+
+    Raises
+    ------
+    InputError
+        A channel with no non-zero voxel, or too few distinct intensities for increasing
+        landmarks.
+    """
+    z = zscore_nonzero(image)
+    out = np.zeros((z.shape[0], len(HISTOGRAM_PERCENTILES)))
+    for c in range(z.shape[0]):
+        v = z[c][z[c] != 0]
+        if v.size:
+            out[c] = np.percentile(v, HISTOGRAM_PERCENTILES)
+        if not v.size or np.any(np.diff(out[c]) <= 0):
+            raise InputError(f"channel {c} has too few distinct intensities for histogram "
+                             "standardisation")
+    return out
+
+
+def standardise_histogram(image: np.ndarray, standard) -> np.ndarray:
+    """Histogram standardisation onto a learnt standard scale (Nyúl, Udupa & Zhang, "New
+    variants of a method of MRI scale standardization", IEEE TMI 19(2), 2000).
+
+    Each channel is z-scored over its non-zero voxels (:func:`zscore_nonzero`); its landmarks
+    (:func:`histogram_landmarks`) are then mapped piecewise linearly onto ``standard`` (the
+    training scans' mean landmarks), with the end segments' slopes extended beyond the 1st and
+    99th percentiles. Background (exact zeros) stays 0. The map is monotonic, so the tissue
+    order of intensities is kept while the two sites' histograms are brought together.
+
+    Parameters
+    ----------
+    image : ndarray, shape (C, *spatial)
+        Raw intensities.
+    standard : array-like, shape (C, 11)
+        Standard landmarks (z-score units) per channel.
+
+    Returns
+    -------
+    ndarray, shape (C, *spatial), float32
+
+    Raises
+    ------
+    InputError
+        ``standard`` of the wrong shape or not increasing; see :func:`histogram_landmarks`.
+    """
+    std = np.asarray(standard, dtype=np.float64)
+    k = len(HISTOGRAM_PERCENTILES)
+    if std.shape != (image.shape[0], k) or np.any(np.diff(std, axis=1) <= 0):
+        raise InputError(f"histogram standard landmarks must be {image.shape[0]} increasing "
+                         f"rows of {k} values, got shape {std.shape}")
+    z = zscore_nonzero(image)
+    lm = histogram_landmarks(image)
+    out = np.zeros(image.shape, dtype=np.float32)
+    for c in range(z.shape[0]):
+        nz = z[c] != 0
+        v = z[c][nz].astype(np.float64)
+        m = np.interp(v, lm[c], std[c])
+        lo, hi = v < lm[c][0], v > lm[c][-1]
+        m[lo] = std[c][0] + (v[lo] - lm[c][0]) * (std[c][1] - std[c][0]) / (lm[c][1] - lm[c][0])
+        m[hi] = std[c][-1] + (v[hi] - lm[c][-1]) * (std[c][-1] - std[c][-2]) / (lm[c][-1] - lm[c][-2])
+        out[c][nz] = m.astype(np.float32)
+    return out
+
+
+def normalise(image: np.ndarray, method: str = "zscore_nonzero", landmarks=None) -> np.ndarray:
+    """A model's input normalisation by name (:data:`NORMALISATIONS`).
+
+    Parameters
+    ----------
+    image : ndarray, shape (C, *spatial)
+    method : {"zscore_nonzero", "histogram"}
+        :func:`zscore_nonzero`, or :func:`standardise_histogram` onto ``landmarks``.
+    landmarks : array-like, shape (C, 11), optional
+        The standard scale (required for ``"histogram"``).
+
+    Returns
+    -------
+    ndarray, shape (C, *spatial), float32
+
+    Raises
+    ------
+    InputError
+        Unknown method, or ``"histogram"`` without landmarks.
+    """
+    if method == "zscore_nonzero":
+        return zscore_nonzero(image)
+    if method == "histogram":
+        if landmarks is None or len(landmarks) == 0:
+            raise InputError("histogram normalisation needs the model's standard landmarks")
+        return standardise_histogram(image, landmarks)
+    raise InputError(f"unknown normalisation {method!r}; known: {', '.join(NORMALISATIONS)}")
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path`` (no half-written file at ``path``).
 

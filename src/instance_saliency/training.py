@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .io import Subject, atomic_write_text, zscore_nonzero
+from .io import Subject, atomic_write_text, histogram_landmarks, normalise
 from .models import ModelConfig, build_model, save_checkpoint
 
 log = logging.getLogger("instance_saliency.training")
@@ -38,12 +38,12 @@ STATE_NAME = "train_state.pt"
 RECIPES = ("v1", "v2", "v3")
 
 
-def _to_item(s: Subject) -> dict:
+def _to_item(s: Subject, cfg: ModelConfig) -> dict:
     """Normalised image, label and the lesion / background voxel indices (computed once)."""
     if s.mask is None:
         raise ValueError(f"training subject {s.paths.get('flair')} has no lesion mask")
     flat = s.mask.reshape(-1) > 0
-    return {"image": torch.from_numpy(zscore_nonzero(s.image)),
+    return {"image": torch.from_numpy(normalise(s.image, cfg.normalisation, cfg.landmarks)),
             "label": torch.from_numpy(s.mask[None].astype(np.float32)),
             "fg_idx": np.flatnonzero(flat), "bg_idx": np.flatnonzero(~flat)}
 
@@ -125,7 +125,8 @@ def validate(model: torch.nn.Module, subjects: Sequence[Subject], cfg: ModelConf
     out, probs = [], []
     try:
         for i, s in enumerate(subjects):
-            img = images[i] if images is not None else zscore_nonzero(s.image)
+            img = (images[i] if images is not None
+                   else normalise(s.image, cfg.normalisation, cfg.landmarks))
             prob = predict_probability(model, img, cfg.roi_size, cfg.overlap, cfg.lesion_class)
             out.append(evaluate_pair(s.mask, prob >= cfg.threshold, spacing=s.spacing))
             probs.append(prob)
@@ -181,7 +182,7 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
           data_description: str = "", recipe: str = "v2", ema_decay: float = 0.999,
           warmup: int = 100, checkpoint_every: int = 0, resume: bool = False,
           stop_after: int | None = None, save_val_prob: bool = False,
-          trained_on=()) -> dict:
+          trained_on=(), normalisation: str = "zscore_nonzero") -> dict:
     """Train and save the final (EMA) weights in ``out_dir``.
 
     Parameters
@@ -195,7 +196,7 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
         ``history.png``, ``train.log`` and, while running, ``train_state.pt``.
     steps : int
         Optimiser steps; each uses ``batch_size`` patches (half centred on lesion voxels).
-    recipe : {"v1", "v2"}
+    recipe : {"v1", "v2", "v3"}
         Augmentation recipe, see :func:`augmentations`.
     ema_decay : float
         Decay of the exponential moving average of the weights (0 = none).
@@ -211,6 +212,10 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
         Save the final validation probability maps as ``val_prob_<i>.nii.gz``.
     trained_on : sequence of str
         Names of the training subjects, stored in ``config.json`` (``trained_on``).
+    normalisation : {"zscore_nonzero", "histogram"}
+        Input normalisation (:func:`instance_saliency.io.normalise`). ``"histogram"`` learns
+        the standard scale as the mean of the training scans' landmarks
+        (:func:`instance_saliency.io.histogram_landmarks`) and stores it in ``config.json``.
 
     Returns
     -------
@@ -220,7 +225,7 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
     Raises
     ------
     InputError
-        Unknown recipe, or ``resume`` without a state file.
+        Unknown recipe or normalisation, or ``resume`` without a state file.
     """
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
@@ -239,9 +244,13 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
     arguments = dict(arguments or {})
     model = build_model(architecture, **arguments)
     cfg = ModelConfig(architecture=architecture, arguments=arguments, roi_size=list(roi_size),
-                      overlap=overlap, threshold=threshold, trained_on=[str(t) for t in trained_on])
-    items = [_to_item(s) for s in train_subjects]
-    val_images = [zscore_nonzero(s.image) for s in val_subjects]
+                      overlap=overlap, threshold=threshold, trained_on=[str(t) for t in trained_on],
+                      normalisation=normalisation)
+    if normalisation == "histogram":
+        cfg.landmarks = np.mean([histogram_landmarks(s.image) for s in train_subjects],
+                                axis=0).round(6).tolist()
+    items = [_to_item(s, cfg) for s in train_subjects]
+    val_images = [normalise(s.image, cfg.normalisation, cfg.landmarks) for s in val_subjects]
     xform = augmentations(roi_size, batch_size, recipe)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -314,7 +323,7 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
     summary = {
         "command": command, "data": data_description, "steps": steps, "batch_size": batch_size,
         "roi_size": list(roi_size), "lr": lr, "seed": seed, "recipe": recipe,
-        "ema_decay": ema_decay, "warmup": warmup, "schedule": "linear warm-up + cosine to 2 %",
+        "ema_decay": ema_decay, "normalisation": normalisation, "warmup": warmup, "schedule": "linear warm-up + cosine to 2 %",
         "weights": "EMA" if ema is not None else "last step",
         "val_at_last": history[-1].get("val") if history else None,
         "train_time_s": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads(),

@@ -215,7 +215,8 @@ class SegmentationModel:
                  class_names: Sequence[str] = ("background", "lesion"), lesion_class: int = 1,
                  threshold: float = 0.5, decision: str = "threshold",
                  cam_layer: str | None = None, roi_size: Sequence[int] = (96, 96, 96),
-                 overlap: float = 0.25, info: dict | None = None):
+                 overlap: float = 0.25, info: dict | None = None,
+                 normalisation: str = "zscore_nonzero", landmarks=None):
         if not members:
             raise ValueError("a model needs at least one member network")
         self.members = list(members)
@@ -228,6 +229,8 @@ class SegmentationModel:
         self.cam_layer = cam_layer
         self.roi_size = tuple(int(r) for r in roi_size)
         self.overlap = float(overlap)
+        self.normalisation = normalisation
+        self.landmarks = landmarks
         self.info = dict(info or {})
         self._network = EnsembleNetwork(self.members) if len(self.members) > 1 else None
         self.warnings: list[str] = []
@@ -235,21 +238,21 @@ class SegmentationModel:
     # --- what every kind provides --------------------------------------------------------
     def prepare(self, image: np.ndarray, spacing: Sequence[float], affine=None) -> Prepared:
         """The network input for a raw ``(C, X, Y, Z)`` image (channel order :attr:`channels`):
-        per-channel z-score over non-zero voxels (:func:`instance_saliency.io.zscore_nonzero`),
-        on the image's own grid.
+        the model's normalisation (:func:`instance_saliency.io.normalise`; by default the
+        per-channel z-score over non-zero voxels), on the image's own grid.
 
         Raises
         ------
         InputError
             The image's channel count differs from the model's.
         """
-        from ..io import zscore_nonzero
+        from ..io import normalise
 
         image = np.asarray(image)
         if image.ndim != 4 or image.shape[0] != len(self.channels):
             raise InputError(f"model {self.source} expects {len(self.channels)} channel(s) "
                              f"{self.channels}, got an image of shape {image.shape}")
-        return identity_prepared(zscore_nonzero(image))
+        return identity_prepared(normalise(image, self.normalisation, self.landmarks))
 
     def grid(self, shape: Sequence[int]):
         """Sliding-window grid on the network's grid of spatial ``shape``."""

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import ModelError
@@ -37,7 +38,12 @@ class ModelConfig:
     channels : list of str
         Input channel names, in order (``["FLAIR", "MPRAGE"]``).
     normalisation : str
-        Input normalisation (``"zscore_nonzero"``, see :func:`instance_saliency.io.zscore_nonzero`).
+        Input normalisation: ``"zscore_nonzero"`` (:func:`instance_saliency.io.zscore_nonzero`)
+        or ``"histogram"`` (:func:`instance_saliency.io.standardise_histogram` onto
+        ``landmarks``).
+    landmarks : list of list of float
+        Standard histogram landmarks per channel (``"histogram"`` only; learnt on the
+        training scans).
     roi_size : list of 3 int
         Sliding-window ROI (patch) size in voxels.
     overlap : float
@@ -63,6 +69,7 @@ class ModelConfig:
     arguments: dict = field(default_factory=dict)
     channels: list = field(default_factory=lambda: list(CHANNELS))
     normalisation: str = "zscore_nonzero"
+    landmarks: list = field(default_factory=list)
     roi_size: list = field(default_factory=lambda: [96, 96, 96])
     overlap: float = 0.25
     threshold: float = 0.5
@@ -85,6 +92,23 @@ class ModelConfig:
         if not isinstance(d.get("arguments", {}), dict):
             raise ModelError(f"{source}: 'arguments' must be a JSON object, "
                              f"got {d['arguments']!r}")
+        from ..io import HISTOGRAM_PERCENTILES, NORMALISATIONS
+
+        norm = d.get("normalisation", "zscore_nonzero")
+        if norm not in NORMALISATIONS:
+            raise ModelError(f"{source}: unknown normalisation {norm!r}; known: "
+                             f"{', '.join(NORMALISATIONS)}")
+        if norm == "histogram":
+            try:
+                lm = np.asarray(d.get("landmarks") or [], dtype=float)
+            except (TypeError, ValueError):
+                lm = np.zeros(0)
+            n_ch = len(d.get("channels", CHANNELS))
+            if (lm.shape != (n_ch, len(HISTOGRAM_PERCENTILES))
+                    or np.any(np.diff(lm, axis=1) <= 0)):
+                raise ModelError(f"{source}: 'landmarks' must be {n_ch} increasing rows of "
+                                 f"{len(HISTOGRAM_PERCENTILES)} values for histogram "
+                                 "normalisation")
         return cls(**d)
 
 
@@ -224,7 +248,8 @@ def load_checkpoint_model(folder: str | os.PathLike | None = None,
             if not _is_inside_folder(sub, folder):
                 raise ModelError(f"{cfg_path}: ensemble member {name!r} is outside {folder}")
             mcfg = read_config(sub)
-            for key in ("architecture", "arguments", "channels", "roi_size", "normalisation"):
+            for key in ("architecture", "arguments", "channels", "roi_size", "normalisation",
+                        "landmarks"):
                 if getattr(mcfg, key) != getattr(cfg, key):
                     raise ModelError(f"ensemble member {sub} differs from {cfg_path} in {key!r}")
             if excluded & set(mcfg.trained_on):
@@ -245,7 +270,7 @@ def load_checkpoint_model(folder: str | os.PathLike | None = None,
         source=str(folder) if folder != default_model_dir() else "shipped default",
         lesion_class=cfg.lesion_class, threshold=cfg.threshold,
         cam_layer=DEFAULT_CAM_LAYER.get(cfg.architecture), roi_size=cfg.roi_size,
-        overlap=cfg.overlap,
+        overlap=cfg.overlap, normalisation=cfg.normalisation, landmarks=cfg.landmarks,
         info={"architecture": cfg.architecture, "mirror_axes": axes,
               "members_trained_on": used_on,
               "excluded_subjects": sorted(excluded), "config": asdict(cfg)})
