@@ -301,6 +301,58 @@ def test_gradcampp_sliding_mode_equals_hook_reference():
     assert_rel(dense(res, "raw")[0], ref, 1e-5)
 
 
+def test_hirescam_equals_hook_reference_whole_and_sliding():
+    """Instance HiResCAM (Draelos & Carin 2020): ReLU(Σ_k g_k ⊙ A_k) per window, upsampled and
+    blended like Grad-CAM++; in whole mode one window, in sliding mode the touching windows."""
+    from monai.data.utils import compute_importance_map
+
+    from instance_saliency.saliency import hirescam
+
+    model = TinyCamNet(seed=3).eval()
+    shape = (10, 12, 8)
+    x = _input(shape, seed=7)
+    tg = MaskTarget(_mask(shape, ((3, 6), (4, 8), (2, 5))))
+    acts, grads = _hook_gradcampp(model, x, tg, "act2", lambda m, xb: m(xb))
+    prod = (grads[0] * acts[0])[0].sum(0)
+    up = dict(size=shape, mode="trilinear", align_corners=False)
+    ref = F.interpolate(F.relu(prod)[None, None], **up)[0, 0].numpy()
+    (res,) = hirescam(model, x, [tg], "act2", mode="whole", signed=True)
+    assert res.method == "hirescam"
+    assert_rel(dense(res, "raw")[0], ref, 1e-5)
+    assert_rel(dense(res, "signed")[0], F.interpolate(prod[None, None], **up)[0, 0].numpy(), 1e-5)
+    np.testing.assert_allclose(res.weights, (grads[0] * acts[0])[0].sum((1, 2, 3)).numpy(),
+                               rtol=1e-5, atol=1e-8)
+    # HiResCAM differs from Grad-CAM++ on the same target (no spatial averaging of g)
+    (cpp,) = gradcampp(model, x, [tg], "act2", mode="whole")
+    assert np.abs(dense(cpp, "raw") - dense(res, "raw")).max() > 1e-3 * dense(res, "raw").max()
+
+    shape = (20, 18, 16)
+    x = _input(shape, seed=8)
+    model = TinyCamNet(seed=2).eval()
+    tg = MaskTarget(_mask(shape, ((17, 19), (5, 9), (6, 9))))
+    grid = WindowGrid.create(shape, ROI, 0.25)
+    starts = [tuple(int(a) for a in s) for s in grid.starts]
+    acts, grads = _hook_gradcampp(model, x, tg, "act2",
+                                  lambda m, xb: sliding_window_logits(m, xb, grid, 1))
+    touching = [i for i, st in enumerate(starts)
+                if tg.mask[tuple(slice(a, a + r) for a, r in zip(st, ROI))].any()]
+    imp = compute_importance_map(ROI, mode="gaussian", sigma_scale=0.125).double()
+    (res,) = hirescam(model, x, [tg], "act2", roi_size=ROI, sw_batch_size=3, signed=True)
+    assert res.n_windows == len(touching) == 2
+    for variant, act in (("raw", F.relu), ("signed", lambda t: t)):
+        num = torch.zeros(shape, dtype=torch.float64)
+        den = torch.zeros(shape, dtype=torch.float64)
+        for i in touching:
+            cam = act((grads[i] * acts[i])[0].sum(0))
+            cam = F.interpolate(cam[None, None], size=ROI, mode="trilinear",
+                                align_corners=False)[0, 0]
+            sl = tuple(slice(a, a + r) for a, r in zip(starts[i], ROI))
+            num[sl] += imp * cam.double()
+            den[sl] += imp
+        ref = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0).numpy()
+        assert_rel(dense(res, variant)[0], ref, 1e-5)
+
+
 # ------------------------------------------------------------- 3. agreement with Captum
 
 

@@ -2,4 +2,4 @@
 
 from .engine import MODES, SparseMap, WindowPlan  # noqa: F401
 from .smoothgrad import AGGREGATIONS, VARIANTS, InstanceSaliency, smoothgrad  # noqa: F401
-from .gradcampp import gradcampp, gradcampp_weights  # noqa: F401,E402
+from .gradcampp import gradcampp, gradcampp_weights, hirescam  # noqa: F401,E402

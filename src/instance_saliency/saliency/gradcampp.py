@@ -20,6 +20,14 @@ Gaussian importance of those windows only, ``L(v) = Σ_w imp_w(v) L_w(v) / Σ_w 
 ReLU comes before upsampling, as in the formula above (and in MONAI's and pytorch-grad-cam's
 CAMs); the optional signed map is the same construction without the ReLU.
 
+Instance HiResCAM (Draelos & Carin 2020, "Use HiResCAM instead of Grad-CAM for faithful
+explanations of convolutional neural networks", arXiv:2011.08891, eq. 3) uses the same base:
+``L = ReLU(Σ_k g_k ⊙ A_k)`` — the element-wise product of gradient and activation, summed over
+channels, with no spatial averaging of the gradient, so each position keeps its own gradient
+and the map stays where the target's gradient flows (:func:`hirescam`). Its sliding-window
+construction is Grad-CAM++'s: each window's map is computed from that window's own gradients
+and activations, upsampled and blended.
+
 Ensembles (folds × test-time mirrorings, :mod:`instance_saliency.models`): each member's map is
 computed at the layer of its own network (a mirrored member's map flipped back to the input's
 orientation) and the maps are averaged with the members' weights — the natural extension, since
@@ -83,11 +91,23 @@ def _upsample(cam: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(cam[:, None], size=tuple(size), mode=mode, align_corners=False)[:, 0]
 
 
+def hirescam(model: torch.nn.Module, x, targets: Sequence, layer: str, **kwargs
+             ) -> list[InstanceSaliency]:
+    """Instance HiResCAM (Draelos & Carin 2020, eq. 3): ``ReLU(Σ_k g_k ⊙ A_k)`` per window,
+    upsampled and blended as in :func:`gradcampp`.
+
+    Parameters and returns as :func:`gradcampp` (same keyword arguments); the method name of
+    the results is ``"hirescam"`` and ``InstanceSaliency.weights`` holds each channel's
+    contribution ``Σ_i g_ki A_ki`` summed over the target's windows.
+    """
+    return gradcampp(model, x, targets, layer, _variant="hirescam", **kwargs)
+
+
 def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
               mode: str = "sliding", roi_size: Sequence[int] = (96, 96, 96),
               overlap: float = 0.25, grid=None, sw_batch_size: int = 4,
               signed: bool = False, device: str | torch.device = "cpu",
-              progress: bool = False) -> list[InstanceSaliency]:
+              progress: bool = False, _variant: str = "gradcampp") -> list[InstanceSaliency]:
     """Instance Grad-CAM++ for many targets, sharing each window's forward pass.
 
     Parameters
@@ -148,7 +168,7 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
     with models_state_guard(model):
         for mem in members:
             r_m, s_m, w_m = _cam_member(mem, layer, plan, xp, targets, regions, sw_batch_size,
-                                        progress and len(members) == 1)
+                                        progress and len(members) == 1, _variant)
             for t in range(nt):
                 raw[t] += mem.weight * r_m[t]
                 sgn[t] += mem.weight * s_m[t]
@@ -159,14 +179,15 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
         maps = {"raw": SparseMap(regions[t], raw[t].float()[None].numpy(), shape)}
         if signed:
             maps["signed"] = SparseMap(regions[t], sgn[t].float()[None].numpy(), shape)
-        results.append(InstanceSaliency(tg.name, "gradcampp", maps,
+        results.append(InstanceSaliency(tg.name, _variant, maps,
                                         len(plan.target_windows[t]), weights[t].float().numpy()))
     return results
 
 
 def _cam_member(member, layer: str, plan: WindowPlan, xp: torch.Tensor, targets, regions,
-                sw_batch_size: int, progress: bool):
-    """Instance Grad-CAM++ maps of one network (one ensemble member) for every target.
+                sw_batch_size: int, progress: bool, variant: str = "gradcampp"):
+    """Instance Grad-CAM++ (or HiResCAM) maps of one network (one ensemble member) for every
+    target.
 
     Returns per target: the map after ReLU and the signed map (float64, on the target's
     region, in input orientation: a mirrored member's maps are flipped back) and the channel
@@ -179,13 +200,15 @@ def _cam_member(member, layer: str, plan: WindowPlan, xp: torch.Tensor, targets,
     users = {w: [t for t, ws in enumerate(plan.target_windows) if w in ws] for w in needed}
     acts: dict[int, torch.Tensor] = {}
     weights = {t: torch.zeros(0, dtype=torch.float64) for t in range(len(targets))}
+    hires: dict = {}  # HiResCAM: (t, w) -> Σ_k g_k ⊙ A_k at the layer's resolution
     batches = _batches(plan, needed, sw_batch_size,
                        lambda w: (-len(users[w]), w))  # packed backward passes waste little
     pass2 = batches
     if progress:
         from tqdm.auto import tqdm
 
-        pass2 = tqdm(batches, desc="Grad-CAM++", unit="batch", leave=False)
+        pass2 = tqdm(batches, desc="HiResCAM" if variant == "hirescam" else "Grad-CAM++",
+                     unit="batch", leave=False)
     with capture_activations(module) as store:
         # pass 1 (no gradients): the layer's activations of every window, and their sums
         for wb in batches:
@@ -215,7 +238,13 @@ def _cam_member(member, layer: str, plan: WindowPlan, xp: torch.Tensor, targets,
                     cot[j, targets[t].class_index] = cotangent(plan, targets[t], w, out.device)
                 (g,) = torch.autograd.grad(out, A, cot, retain_graph=i < len(rounds) - 1)
                 for j, w, t in assign:
-                    term = _weight_terms(g[j].detach().cpu(), sum_a[t])
+                    gj = g[j].detach().cpu()
+                    if variant == "hirescam":
+                        prod = gj.double() * A[j].detach().cpu().double()
+                        hires[(t, w)] = prod.sum(0).float()
+                        term = prod.reshape(prod.shape[0], -1).sum(1)
+                    else:
+                        term = _weight_terms(gj, sum_a[t])
                     weights[t] = term if weights[t].numel() == 0 else weights[t] + term
             store.clear()
             del out, A
@@ -229,7 +258,8 @@ def _cam_member(member, layer: str, plan: WindowPlan, xp: torch.Tensor, targets,
         num_raw = torch.zeros(rshape, dtype=torch.float64)
         den = torch.zeros(rshape, dtype=torch.float64)
         for w in ws:
-            cam_w = torch.einsum("k,k...->...", w_t, acts[w])[None]
+            cam_w = (hires[(t, w)][None] if variant == "hirescam"
+                     else torch.einsum("k,k...->...", w_t, acts[w])[None])
             raw_w = _upsample(F.relu(cam_w), plan.windows[w][1])[0]  # ReLU, then upsample
             cam_w = _upsample(cam_w, plan.windows[w][1])[0]
             if flip_dims:  # a mirrored member saw the window flipped: flip its map back
