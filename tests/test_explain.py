@@ -167,3 +167,33 @@ def test_refuses_finished_run_without_overwrite(case, capsys):
     assert len(err) == 1 and "--overwrite" in err[0]
     assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     assert not list(run.parent.glob(f".{run.name}.partial-*"))
+
+
+@needs_data
+def test_hirescam_is_an_opt_in_third_method(case, tmp_path):
+    """``--methods hirescam`` writes HiResCAM maps and columns (same CAM layer and quantities
+    as Grad-CAM++); the default run has none."""
+    assert not (case["run"] / "saliency" / "hirescam").exists()
+    inp = case["inputs"]
+    run = tmp_path / "hr"
+    rc = cli.main(["explain", "--flair", str(inp["flair"]), "--mprage", str(inp["mprage"]),
+                   "--mask", str(inp["mask"]), "--model", str(case["model"]), "--out", str(run),
+                   "--methods", "hirescam,gradcampp", "--cam-layer", "act", "--quiet",
+                   "--min-size", "3", "--no-figures"])
+    assert rc == 0
+    table = pd.read_csv(run / "instances.csv").set_index("label")
+    labels = np.asarray(nib.load(str(run / "instances.nii.gz")).dataobj)
+    assert "smoothgrad_flair_mean_in" not in table.columns
+    pred_rows = table[table["source"] == "pred"]
+    assert len(pred_rows)
+    for label, row in pred_rows.iterrows():
+        m = labels == label
+        hr = np.asarray(nib.load(str(run / "saliency" / "hirescam" /
+                                     f"lesion_{label:03d}.nii.gz")).dataobj)
+        cpp = np.asarray(nib.load(str(run / "saliency" / "gradcampp" /
+                                      f"lesion_{label:03d}.nii.gz")).dataobj)
+        assert (hr >= 0).all() and hr[m].max() > 0
+        np.testing.assert_allclose(row["hirescam_cam_mean_in"], hr[m].mean(), rtol=1e-5,
+                                   atol=1e-7)
+        np.testing.assert_allclose(row["gradcampp_cam_mean_in"], cpp[m].mean(), rtol=1e-5,
+                                   atol=1e-7)

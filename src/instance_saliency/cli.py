@@ -398,7 +398,8 @@ def _add_explain_options(e, **overrides) -> None:
     d = ExplainConfig(**overrides)
     _add_model_options(e)
     e.add_argument("--methods", default=",".join(d.methods),
-                   help=f"comma-separated, from {','.join(METHODS)} (default: all)")
+                   help=f"comma-separated, from {','.join(METHODS)} (default: "
+                   f"{','.join(d.methods)})")
     e.add_argument("--n-samples", type=int, default=d.n_samples,
                    help=f"SmoothGrad noise samples (default {d.n_samples})")
     e.add_argument("--noise-level", type=float, default=d.noise_level,

@@ -22,7 +22,13 @@ import numpy as np
 
 from .errors import InputError, ModelError, OutputError
 
-METHODS = ("smoothgrad", "gradcampp")
+METHODS = ("smoothgrad", "gradcampp", "hirescam")
+#: methods run when none are named (HiResCAM is opt-in: ``--methods ...,hirescam``)
+DEFAULT_METHODS = ("smoothgrad", "gradcampp")
+#: display names
+METHOD_LABELS = {"smoothgrad": "SmoothGrad", "gradcampp": "Grad-CAM++", "hirescam": "HiResCAM"}
+#: methods whose maps live at a CAM layer (one map, not one per input channel)
+CAM_METHODS = ("gradcampp", "hirescam")
 RUN_FILE = "run.json"
 #: everything a run writes into its folder (anything else there belongs to the user)
 RUN_ENTRIES = {"prediction_prob.nii.gz", "prediction_mask.nii.gz", "instances.nii.gz",
@@ -37,7 +43,7 @@ class ExplainConfig:
     Attributes
     ----------
     methods : tuple of str
-        Subset of :data:`METHODS`.
+        Subset of :data:`METHODS` (default :data:`DEFAULT_METHODS`).
     n_samples : int
         SmoothGrad noise samples N (seed paper: 50).
     noise_level : float
@@ -67,7 +73,7 @@ class ExplainConfig:
         Write PNG figures and ``report.html``.
     """
 
-    methods: tuple = METHODS
+    methods: tuple = DEFAULT_METHODS
     n_samples: int = 50
     noise_level: float = 0.05
     mode: str = "sliding"
@@ -358,7 +364,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
     from .models.base import check_lesion_class
     from .models.channels import column_name, match_channels
     from .quantify import distance_profile, quantify_instance
-    from .saliency import gradcampp, smoothgrad
+    from .saliency import gradcampp, hirescam, smoothgrad
     from .targets import InstanceTarget
 
     cfg = config or ExplainConfig()
@@ -385,7 +391,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
     decision = "threshold" if cfg.threshold is not None or model.decision != "argmax" \
         else "argmax"
     cam_layer = cfg.cam_layer or model.cam_layer
-    if "gradcampp" in cfg.methods:
+    if any(m in CAM_METHODS for m in cfg.methods):
         if cam_layer is None:
             raise InputError(f"no default Grad-CAM++ layer for this model ({model.source}); "
                              "give --cam-layer")
@@ -455,16 +461,18 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
                     seed=cfg.seed, batch_size=cfg.batch_size, sw_batch_size=cfg.sw_batch_size,
                     device=cfg.device, progress=progress)
                 timings["smoothgrad_s"] = round(time.time() - t0, 2)
-            if "gradcampp" in cfg.methods:
+            for method, fn in (("gradcampp", gradcampp), ("hirescam", hirescam)):
+                if method not in cfg.methods:
+                    continue
                 t0 = time.time()
                 try:
-                    results["gradcampp"] = gradcampp(
+                    results[method] = fn(
                         model, xt, targets, cam_layer, mode=cfg.mode, grid=grid,
                         roi_size=model.roi_size, overlap=model.overlap,
                         sw_batch_size=cfg.sw_batch_size, device=cfg.device, progress=progress)
                 except ValueError as e:
-                    raise InputError(f"Grad-CAM++: {e}") from None
-                timings["gradcampp_s"] = round(time.time() - t0, 2)
+                    raise InputError(f"{METHOD_LABELS[method]}: {e}") from None
+                timings[f"{method}_s"] = round(time.time() - t0, 2)
         t0 = time.time()
         sg_chans = [column_name(c) for c in model.channels]
         profiles = []
@@ -552,7 +560,7 @@ def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
     figs = []
     flair = subj.image[0]
     for method in cfg.methods:
-        label = {"smoothgrad": "SmoothGrad", "gradcampp": "Grad-CAM++"}[method]
+        label = METHOD_LABELS[method]
         chans = tuple(channel_names) if method == "smoothgrad" else ("CAM",)
         for inst, m in zip(insts, masks):
             dense = dense_cache.get((method, inst.label))
