@@ -366,6 +366,47 @@ def cmd_analyze(a) -> int:
     return 0
 
 
+def _float_list(text: str, name: str) -> tuple:
+    """``"0,2,4"`` or ``"0:15:1"`` (start:stop:step, stop included) as floats."""
+    import numpy as np
+
+    try:
+        if ":" in text:
+            a, b, c = (float(v) for v in text.split(":"))
+            if c <= 0:
+                raise ValueError
+            return tuple(float(v) for v in np.arange(a, b + c / 2, c))
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{name} must be comma-separated numbers or start:stop:step, "
+                         f"got {text!r}") from None
+
+
+def cmd_check(a) -> int:
+    import torch
+
+    from .checks import CheckConfig, run_checks
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    lesions = None
+    if a.lesions:
+        try:
+            lesions = tuple(int(v) for v in a.lesions.split(","))
+        except ValueError:
+            raise InputError(f"--lesions must be comma-separated labels, got {a.lesions!r}") \
+                from None
+    cfg = CheckConfig(checks=tuple(a.checks.split(",")), methods=tuple(a.methods.split(",")),
+                      n_samples=a.n_samples, margin_mm=a.margin_mm, stages=a.stages,
+                      independent=a.independent, steps=a.steps, random_orders=a.random_orders,
+                      baselines=tuple(a.baselines.split(",")),
+                      context_mm=_float_list(a.context_mm, "--context-mm"), lesions=lesions,
+                      seed=a.seed)
+    run_checks(a.run, cfg, overwrite=a.overwrite, figures=not a.no_figures,
+               log=(lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr)))
+    return 0
+
+
 def _add_model_options(e) -> None:
     e.add_argument("--model", help="model folder: an instance-saliency checkpoint or an nnU-Net "
                    "v2 trained-model folder (dataset.json, plans.json, fold_N/); default: the "
@@ -542,6 +583,45 @@ def build_parser() -> argparse.ArgumentParser:
                          "--seed seeds them too)")
     _add_explain_options(co)
     co.set_defaults(func=cmd_cohort)
+
+    from .checks import CheckConfig
+
+    cd = CheckConfig()
+    ck = sub.add_parser("check", help="per-lesion trust checks of a finished explain run: "
+                        "model randomisation, deletion/insertion, context (checks.csv)")
+    ck.add_argument("run", help="output folder of `instance-saliency explain`")
+    ck.add_argument("--checks", default=",".join(cd.checks),
+                    help="comma-separated, from randomisation,deletion,context (default: all)")
+    ck.add_argument("--methods", default=",".join(cd.methods),
+                    help="saliency methods to check (default: smoothgrad,gradcampp,hirescam)")
+    ck.add_argument("--n-samples", type=int, default=cd.n_samples,
+                    help=f"SmoothGrad noise samples inside the checks (default {cd.n_samples})")
+    ck.add_argument("--margin-mm", type=float, default=cd.margin_mm,
+                    help=f"lesion neighbourhood for similarity and deletion (default "
+                    f"{cd.margin_mm:g} mm)")
+    ck.add_argument("--stages", type=int, default=cd.stages,
+                    help=f"cascading randomisation stages (default {cd.stages})")
+    ck.add_argument("--independent", action="store_true",
+                    help="also randomise each layer group alone")
+    ck.add_argument("--steps", type=int, default=cd.steps,
+                    help=f"deletion/insertion steps (default {cd.steps})")
+    ck.add_argument("--random-orders", type=int, default=cd.random_orders,
+                    help=f"random-order seeds for the deletion reference (default "
+                    f"{cd.random_orders})")
+    ck.add_argument("--baselines", default=",".join(cd.baselines),
+                    help="deletion baselines from background,blur,road (default "
+                    "background,road; insertion uses the first)")
+    ck.add_argument("--context-mm", default="0:15:1",
+                    help="context shells in mm, comma-separated or start:stop:step "
+                    "(default 0:15:1)")
+    ck.add_argument("--lesions", help="comma-separated lesion labels (default: every "
+                    "predicted lesion)")
+    ck.add_argument("--seed", type=int, default=0)
+    ck.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    ck.add_argument("--overwrite", action="store_true", help="replace earlier checks")
+    ck.add_argument("--no-figures", action="store_true", help="no figures and no checks.html")
+    ck.add_argument("--quiet", action="store_true", help="no progress lines")
+    ck.set_defaults(func=cmd_check)
 
     an = sub.add_parser("analyze", help="cohort statistics of a cohort folder: stats.json, "
                         "stats.md, figures, cohort_report.html")

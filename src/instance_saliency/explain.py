@@ -295,7 +295,7 @@ def check_device(device: str) -> None:
         raise InputError(f"--device {device}: not available here")
 
 
-def table_columns(methods: Sequence[str] = METHODS, channels: Sequence[str] | None = None
+def table_columns(methods: Sequence[str] = DEFAULT_METHODS, channels: Sequence[str] | None = None
                   ) -> list:
     """Columns of ``instances.csv`` for ``methods`` and the model's input ``channels`` (default
     FLAIR, MPRAGE), in order (also the header of a run without any lesion instance)."""
