@@ -69,6 +69,10 @@ class ExplainConfig:
         lesion label); ``None`` = the model's defaults (:func:`instance_saliency.models.load_model`).
     max_instances : int
         Refuse scans with more instances than this (raise ``min_size`` or this limit).
+    flagger : str or None
+        JSON flagger (:func:`instance_saliency.flagging.load_flagger`): adds the per-lesion
+        columns ``flagger_prob_fp`` and ``flagger_flagged`` and marks flagged lesions in the
+        report.
     figures : bool
         Write PNG figures and ``report.html``.
     """
@@ -99,6 +103,7 @@ class ExplainConfig:
     mirroring: bool | None = None
     step_size: float | None = None
     lesion_label: str | None = None
+    flagger: str | None = None
 
     def validate(self) -> None:
         """Raise :class:`InputError` for out-of-range parameters."""
@@ -301,6 +306,7 @@ def table_columns(methods: Sequence[str] = METHODS, channels: Sequence[str] | No
     FLAIR, MPRAGE), in order (also the header of a run without any lesion instance)."""
     from .instances import Instance
     from .io import CHANNELS
+    from .features import map_feature_columns
     from .models.channels import column_name
     from .quantify import quantify_columns
 
@@ -311,7 +317,7 @@ def table_columns(methods: Sequence[str] = METHODS, channels: Sequence[str] | No
     for m in METHODS:
         if m in methods:
             ch = chans if m == "smoothgrad" else ("CAM",)
-            cols += quantify_columns(m, ch) + [f"{m}_n_windows"]
+            cols += quantify_columns(m, ch) + [f"{m}_n_windows"] + map_feature_columns(m, ch)
     return cols
 
 
@@ -363,12 +369,14 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
     from .models import load_model
     from .models.base import check_lesion_class
     from .models.channels import column_name, match_channels
+    from .features import map_features
     from .quantify import distance_profile, quantify_instance
     from .saliency import gradcampp, hirescam, smoothgrad
     from .targets import InstanceTarget
 
     cfg = config or ExplainConfig()
     cfg.validate()
+    flagger = _load_flagger(cfg)
     out = Path(out)
     timings: dict = {}
     t_all = time.time()
@@ -491,6 +499,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
                          subj.affine, subj.header)
                 r.update(quantify_instance(dense, m, subj.spacing, chans, method,
                                            cfg.share_margin_mm, cfg.peak_margin_mm))
+                r.update(map_features(dense, m, subj.spacing, chans, method))
                 r[f"{method}_n_windows"] = res[pos].n_windows
                 for c, ch in enumerate(chans):
                     centres, means, counts = distance_profile(dense[c], m, subj.spacing,
@@ -506,6 +515,10 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
         columns = table_columns(cfg.methods, model.channels)
         table = (pd.DataFrame(rows).reindex(columns=columns) if rows
                  else pd.DataFrame(columns=columns))
+        if flagger is not None:
+            from .flagging import apply_flagger
+
+            table = apply_flagger(flagger, table)
         prof = pd.DataFrame(profiles, columns=["label", "status", "method", "channel",
                                                "distance_mm", "mean", "voxels"])
         atomic_write_text(stage / "instances.csv", table.to_csv(index=False))
@@ -519,6 +532,8 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
             "shape": list(subj.shape), "spacing_mm": list(subj.spacing),
             "orientation": subj.orientation, "channels": list(model.channels),
         }
+        if flagger is not None:
+            summary["flagged as likely FP (flagger)"] = int(table["flagger_flagged"].sum())
         if cfg.figures:
             t0 = time.time()
             _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
@@ -550,6 +565,20 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
     return run
 
 
+def _load_flagger(cfg: ExplainConfig):
+    """The flagger of ``cfg.flagger`` (None without one), checked before any work: a bad file
+    or a flagger needing a method this run does not compute is a one-line InputError."""
+    if not cfg.flagger:
+        return None
+    from .flagging import load_flagger
+
+    fl = load_flagger(cfg.flagger)
+    if fl["feature_set"] == "saliency" and fl["method"] not in cfg.methods:
+        raise InputError(f"flagger {cfg.flagger} needs {fl['method']} saliency; add it to "
+                         f"--methods")
+    return fl
+
+
 def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
              channel_names=("FLAIR", "MPRAGE")) -> None:
     from .report import (distance_profile_figure, instance_figure, modality_share_figure,
@@ -571,7 +600,11 @@ def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
                             channel_names=chans, signed=method == "smoothgrad",
                             title=f"lesion {inst.label} ({inst.status}, {inst.voxels} vox)",
                             out_png=png, method_label=label)
-            figs.append((f"{label}: lesion {inst.label} ({inst.status})", png, "Lesions"))
+            flag = ""
+            if "flagger_flagged" in table:
+                hit = table.loc[table["label"] == inst.label, "flagger_flagged"]
+                flag = " — flagged as likely FP" if len(hit) and bool(hit.iloc[0]) else ""
+            figs.append((f"{label}: lesion {inst.label} ({inst.status}){flag}", png, "Lesions"))
     p1 = figdir / "distance_profile.png"
     distance_profile_figure(prof, p1, title="saliency against distance from the lesion border")
     summary_figs = [("Saliency against signed distance from the border (mm)", p1, "Summary")]

@@ -643,8 +643,8 @@ def plain_sentence(method: str, base: dict, sal: dict, delta: dict, n_subjects: 
     elif hi < 0:
         verdict = f"{lab} saliency made flagging worse than size and confidence alone"
     else:
-        verdict = (f"no evidence that {lab} saliency adds anything beyond size and confidence; "
-                   f"the data rule out a gain above {hi:+.3f} AUC at most")
+        verdict = (f"no evidence that {lab} saliency adds anything beyond size and confidence, "
+                   f"and a gain larger than {hi:+.3f} AUC is unlikely")
     return f"{verdict[0].upper()}{verdict[1:]}: {core}."
 
 
