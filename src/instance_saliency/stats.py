@@ -140,6 +140,7 @@ def pool_instances(out: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     inst, prof = [], []
     for d in dirs:
         t = _read_csv(d / "instances.csv")
+        t = t.copy()  # one block: inserting into a wide table read from CSV warns otherwise
         t.insert(0, "subject", d.name)
         inst.append(t)
         pf = d / "profiles.csv"
