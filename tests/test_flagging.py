@@ -85,6 +85,7 @@ def test_noise_saliency_adds_nothing(noise_res):
     assert d["estimate"] == pytest.approx(sal["auc"]["auc"] - base["auc"]["auc"])
     assert r["methods"]["smoothgrad"]["sentence"].startswith(
         "No evidence that SmoothGrad saliency adds anything")
+    assert "rough" not in r["methods"]["smoothgrad"]["sentence"]  # 16 subjects
 
 
 def test_label_saliency_adds_information(label_res):
@@ -444,3 +445,15 @@ def test_pooling_renames_t1_map_columns():
     assert list(out.columns) == ["smoothgrad_mprage_fo_rim_mean",
                                  "smoothgrad_mprage_glcm_in_energy",
                                  "smoothgrad_mprage_peak_max", "smoothgrad_mprage_rim_out_1mm"]
+
+
+def test_plain_sentence_cases():
+    base = {"auc": {"auc": 0.7}}
+    sal = {"auc": {"auc": 0.6}}
+    d = {"estimate": -0.1, "ci_low": -0.2, "ci_high": -0.01, "p_permutation": 0.01,
+         "level": 0.95}
+    s = flagging.plain_sentence("gradcampp", base, sal, d, 4)
+    assert s.startswith("Grad-CAM++ saliency made flagging worse") and "only 4 subjects" in s
+    assert s.count(".") >= 1 and "\n" not in s and "CI -0.200 to -0.010" in s
+    s = flagging.plain_sentence("newmethod", base, {"auc": {"auc": float("nan")}}, d, 20)
+    assert s.startswith("newmethod: not enough data")

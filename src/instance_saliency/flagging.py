@@ -246,6 +246,11 @@ def make_classifier(C: float = 1.0, penalty: str = "l2", seed: int = 0):
                          StandardScaler(), _logistic(C, penalty, seed))
 
 
+def _names(subjects) -> list:
+    """Sorted distinct subject names as plain ``str``."""
+    return sorted({str(s) for s in subjects})
+
+
 def _fn_count(fn_by_subject: dict, subjects) -> int:
     return int(sum(fn_by_subject.get(s, 0) for s in set(subjects)))
 
@@ -256,7 +261,7 @@ def _oof_probabilities(X, y, subj, C, penalty, seed, n_splits):
     folds = []
     splitter, _ = _splitter(np.unique(subj).size, n_splits)
     for tr, te in splitter.split(X, y, groups=subj):
-        rec = {"train_subjects": sorted(set(subj[tr])), "test_subjects": sorted(set(subj[te])),
+        rec = {"train_subjects": _names(subj[tr]), "test_subjects": _names(subj[te]),
                "skipped": bool(y[tr].all() or not y[tr].any())}
         if not rec["skipped"]:
             p[te] = make_classifier(C, penalty, seed).fit(X[tr], y[tr]).predict_proba(X[te])[:, 1]
@@ -308,7 +313,7 @@ def select_and_fit(X: np.ndarray, y: np.ndarray, subj: np.ndarray, fn_by_subject
     from .stats import _auc
 
     subj = np.asarray(subj).astype(str)
-    res = {"fit_subjects": sorted(set(subj)), "grid_auc": [], "keeps_all": True,
+    res = {"fit_subjects": _names(subj), "grid_auc": [], "keeps_all": True,
            "keep_all_reason": None, "threshold": float("inf"), "inner_auc": float("nan"),
            "threshold_subjects": [], "inner_folds": [], "train_before": None,
            "train_after": None, "model": None, "penalty": "l2", "C": 1.0}
@@ -340,7 +345,7 @@ def select_and_fit(X: np.ndarray, y: np.ndarray, subj: np.ndarray, fn_by_subject
             res["keep_all_reason"] = ("no threshold raises F1 on the training subjects "
                                       "(inner out of fold)")
         res.update(penalty=pen, C=float(C), inner_auc=auc, threshold=float(thr),
-                   keeps_all=not math.isfinite(thr), threshold_subjects=sorted(set(subj[ok])),
+                   keeps_all=not math.isfinite(thr), threshold_subjects=_names(subj[ok]),
                    inner_folds=folds, train_before=before, train_after=after)
     if y.any() and (~y).any():
         res["model"] = make_classifier(res["C"], res["penalty"], seed).fit(X, y)
@@ -381,7 +386,7 @@ def nested_cv(X: np.ndarray, y: np.ndarray, subj: np.ndarray, fn_by_subject: dic
     flagged = np.zeros(len(y), dtype=bool)
     folds, skipped = [], []
     for tr, te in splitter.split(X, y, groups=subj):
-        fold = {"train_subjects": sorted(set(subj[tr])), "test_subjects": sorted(set(subj[te])),
+        fold = {"train_subjects": _names(subj[tr]), "test_subjects": _names(subj[te]),
                 "n_train": int(tr.size), "n_test": int(te.size), "skipped": False}
         if y[tr].all() or not y[tr].any():
             fold["skipped"] = True
@@ -483,7 +488,7 @@ def _evaluate_set(df, X: pd.DataFrame, y, subj, status_all, subj_all, fn_by_subj
         bs = st.subject_bootstrap(subj[covered], lambda i: st._auc(yc[i], pc[i]), n_boot, seed,
                                   level)
         auc.update(ci_low=bs["ci_low"], ci_high=bs["ci_high"], n_valid=bs["n_valid"])
-    evaluated = sorted(set(subj_all) - set(cv["skipped_subjects"]))
+    evaluated = _names(set(subj_all) - set(cv["skipped_subjects"]))
     ev = np.isin(subj_all, evaluated)
     tp0 = int((ev & (status_all == "TP")).sum())
     fp0 = int((ev & (status_all == "FP")).sum())
@@ -645,7 +650,9 @@ def plain_sentence(method: str, base: dict, sal: dict, delta: dict, n_subjects: 
     else:
         verdict = (f"no evidence that {lab} saliency adds anything beyond size and confidence, "
                    f"and a gain larger than {hi:+.3f} AUC is unlikely")
-    return f"{verdict[0].upper()}{verdict[1:]}: {core}."
+    rough = (f"; with only {n_subjects} subjects the subject bootstrap has few distinct "
+             f"resamples, so read this interval as rough" if n_subjects < 10 else "")
+    return f"{verdict[0].upper()}{verdict[1:]}: {core}{rough}."
 
 
 # --------------------------------------------------------------------------------------------
