@@ -457,3 +457,33 @@ def test_plain_sentence_cases():
     assert s.count(".") >= 1 and "\n" not in s and "CI -0.200 to -0.010" in s
     s = flagging.plain_sentence("newmethod", base, {"auc": {"auc": float("nan")}}, d, 20)
     assert s.startswith("newmethod: not enough data")
+
+
+def test_explain_flagger_method_not_run(tmp_path, capsys):
+    from instance_saliency import cli
+
+    df = make_cohort(n_subjects=4, saliency="label")
+    fl = flagging.save_flagger(flagging.fit_flagger(df, "saliency", "smoothgrad"),
+                               tmp_path / "f.json")
+    rc = cli.main(["explain", "--flair", "a.nii.gz", "--mprage", "b.nii.gz", "--methods",
+                   "gradcampp", "--flagger", str(fl), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "needs smoothgrad saliency; add it to --methods" in err
+    assert err.count("\n") == 0 and not (tmp_path / "o").exists()
+
+
+def test_fit_flagger_too_few_subjects(tmp_path, capsys):
+    from instance_saliency import cli
+
+    df = make_cohort(n_subjects=3, n_tp=3, n_fp=2, n_fn=1)
+    df = df[~((df.status == "FP") & (df.subject != "S00"))]
+    for s, g in df.groupby("subject"):
+        d = tmp_path / "subjects" / s
+        d.mkdir(parents=True)
+        g.drop(columns="subject").to_csv(d / "instances.csv", index=False)
+        (d / "run.json").write_text("{}")
+    rc = cli.main(["analyze", str(tmp_path), "--n-boot", "10", "--no-figures",
+                   "--fit-flagger", str(tmp_path / "f.json")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "cannot fit a flagger: 1 subject(s) with both TP and FP" in err
+    assert not (tmp_path / "f.json").exists() and (tmp_path / "stats.md").is_file()
