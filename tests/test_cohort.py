@@ -328,4 +328,6 @@ def test_analyze_fit_flagger_then_explain_flagger(dataset, model_dir, tmp_path):
     assert t.flagger_prob_fp[~pred].isna().all() and t.flagger_flagged[pred].all()
     report = (run / "report.html").read_text()
     assert "flagged as likely FP" in report
-    assert json.loads((run / "run.json").read_text())["parameters"]["flagger"] == str(fl_path)
+    rj = json.loads((run / "run.json").read_text())
+    assert rj["parameters"]["flagger"] == str(fl_path)
+    assert rj["flagger"]["feature_set"] == "baseline" and len(rj["flagger"]["sha256"]) == 64

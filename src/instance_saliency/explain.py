@@ -533,7 +533,10 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
             "orientation": subj.orientation, "channels": list(model.channels),
         }
         if flagger is not None:
-            summary["flagged as likely FP (flagger)"] = int(table["flagger_flagged"].sum())
+            n_flag = int(table["flagger_flagged"].sum())
+            summary["flagged as likely FP (flagger)"] = (
+                n_flag if flagger["threshold"] is not None else
+                f"{n_flag} (this flagger keeps all lesions: {flagger.get('keep_all_reason')})")
         if cfg.figures:
             t0 = time.time()
             _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
@@ -553,6 +556,11 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
         }
         if skipped:
             run["no_saliency_outside_network_region"] = skipped
+        if flagger is not None:
+            run["flagger"] = {"path": str(Path(cfg.flagger).resolve()),
+                              "sha256": datasets.sha256sum(cfg.flagger),
+                              **{k: flagger.get(k) for k in ("feature_set", "method",
+                                                             "threshold", "fitted_on")}}
         atomic_write_text(stage / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
         commit_output(stage, out, overwrite, inputs)
     except BaseException:
