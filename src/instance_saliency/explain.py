@@ -624,5 +624,11 @@ def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
         modality_share_figure(table, p2, method="smoothgrad", channel_names=pair)
         summary_figs.append((f"{channel_names[0]} versus {channel_names[1]} (SmoothGrad)", p2,
                              "Summary"))
-    write_report(stage / "report.html", "instance-saliency report", summary, table,
-                 summary_figs + figs, notes=[f"parameters: {asdict(cfg)}"])
+    # the page shows the flagger's columns up front and leaves the map features to the CSV
+    flag_cols = [c for c in ("flagger_flagged", "flagger_prob_fp") if c in table]
+    shown = [c for c in table.columns if c not in flag_cols and "_fo_" not in c
+             and "_glcm_" not in c]
+    k = shown.index("status") + 1 if "status" in shown else 0
+    write_report(stage / "report.html", "instance-saliency report", summary,
+                 table[shown[:k] + flag_cols + shown[k:]], summary_figs + figs,
+                 notes=[f"parameters: {asdict(cfg)}"])
