@@ -300,6 +300,7 @@ def test_analyze_fit_flagger_then_explain_flagger(dataset, model_dir, tmp_path):
                      str(model_dir), *FAST]) == 0
     table = pd.read_csv(out / "subjects" / "sub-01" / "instances.csv")
     assert "smoothgrad_flair_glcm_in_contrast" in table and "smoothgrad_mprage_fo_rim_p90" in table
+    assert "smoothgrad_flair_glszm_rim_zp" in table and (table.brain_border_mm > 0).all()
     js = json.loads((out / "stats.json").read_text())
     assert js["flag_errors"]["status"] == "ok" and "smoothgrad" in js["flag_errors"]["methods"]
     assert "beyond size and confidence" in (out / "stats.md").read_text()
@@ -307,6 +308,7 @@ def test_analyze_fit_flagger_then_explain_flagger(dataset, model_dir, tmp_path):
     assert cli.main(["analyze", str(out), "--n-boot", "20", "--n-perm", "20", "--no-figures",
                      "--fit-flagger", str(fl_path), "--flagger-set", "baseline"]) == 0
     fl = json.loads(fl_path.read_text())
+    assert fl["features"] == ["log_volume_mm3", "prob_mean", "prob_max", "brain_border_mm"]
     assert fl["feature_set"] == "baseline" and fl["fitted_on"]["subjects"] == [
         "sub-01", "sub-02", "sub-03", "sub-04"]
     assert fl["fitted_on"]["model"] and fl["fitted_on"]["explain_parameters"]["n_samples"] == 1

@@ -487,3 +487,33 @@ def test_fit_flagger_too_few_subjects(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "cannot fit a flagger: 1 subject(s) with both TP and FP" in err
     assert not (tmp_path / "f.json").exists() and (tmp_path / "stats.md").is_file()
+
+
+def test_glszm_by_hand():
+    # levels along a row of 4 voxels: 0 0 1 0 -> zones {0,0} (size 2), {1} (1), {0} (1)
+    lv = np.zeros((1, 4, 1), int)
+    lv[0, 2, 0] = 1
+    reg = np.ones((1, 4, 1), bool)
+    r = features.glszm_features(lv, reg, 2)
+    s = np.array([2.0, 1.0, 1.0])
+    assert r["sze"] == pytest.approx(np.mean(1 / s ** 2)) and r["lze"] == pytest.approx(2.0)
+    assert r["glnn"] == pytest.approx((2 ** 2 + 1 ** 2) / 9)  # level 0: 2 zones, level 1: 1
+    assert r["zsnn"] == pytest.approx((1 ** 2 + 2 ** 2) / 9)  # size 2: 1 zone, size 1: 2
+    assert r["zp"] == pytest.approx(3 / 4)
+    # diagonal neighbours are one zone (26-connectivity)
+    lv = np.zeros((2, 2, 2), int)
+    lv[0, 0, 0] = lv[1, 1, 1] = 1
+    r = features.glszm_features(lv, np.ones((2, 2, 2), bool), 2)
+    assert r["zp"] == pytest.approx(2 / 8)
+    assert math.isnan(features.glszm_features(lv, np.zeros((2, 2, 2), bool), 2)["zp"])
+
+
+def test_brain_border_distance():
+    img = np.zeros((2, 9, 9, 9))
+    img[1, 2:7, 2:7, 2:7] = 1.0  # a 5^3 brain in the second channel
+    img[1, 4, 4, 4] = 0.0  # a hole inside: filled
+    d = features.brain_border_distance(img, (1.0, 1.0, 2.0))
+    assert d[0, 0, 0] == 0 and d[2, 4, 4] == 1.0 and d[4, 4, 4] == pytest.approx(3.0)
+    assert d[4, 4, 2] == 2.0  # 2 mm spacing along z
+    full = features.brain_border_distance(np.ones((1, 5, 5, 5)), (1, 1, 1))
+    assert full[0, 2, 2] == 1.0 and full[2, 2, 2] == 3.0  # the field of view's edge counts

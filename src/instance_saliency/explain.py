@@ -313,7 +313,7 @@ def table_columns(methods: Sequence[str] = METHODS, channels: Sequence[str] | No
     chans = [column_name(c) for c in (channels or CHANNELS)]
     zero = (0, 0, 0)
     cols = list(Instance(0, "unknown", "pred", 0, 0, 0.0, zero, zero, zero, zero).to_dict())
-    cols += ["prob_mean", "prob_max"]
+    cols += ["prob_mean", "prob_max", "brain_border_mm"]
     for m in METHODS:
         if m in methods:
             ch = chans if m == "smoothgrad" else ("CAM",)
@@ -369,7 +369,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
     from .models import load_model
     from .models.base import check_lesion_class
     from .models.channels import column_name, match_channels
-    from .features import map_features
+    from .features import brain_border_distance, map_features
     from .quantify import distance_profile, quantify_instance
     from .saliency import gradcampp, hirescam, smoothgrad
     from .targets import InstanceTarget
@@ -445,11 +445,14 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
         insts = iset.instances
         masks = [iset.mask(i) for i in insts]
         rows = []
+        border = brain_border_distance(subj.image, subj.spacing) if insts else None
         for i, m in zip(insts, masks):
             r = i.to_dict()
             r["prob_mean"] = float(prob[m].mean())
             r["prob_max"] = float(prob[m].max())
+            r["brain_border_mm"] = float(border[m].min())
             rows.append(r)
+        del border
         # instance targets on the network's grid (the same voxels when no resampling)
         net_masks = [prep.to_net(m) for m in masks]
         usable = [k for k, nm in enumerate(net_masks) if nm.any()]

@@ -8,7 +8,11 @@ says about each lesion:
 
 * ``log_volume_mm3`` = ln(lesion volume in mm³) (``volume_mm3`` column);
 * ``prob_mean``, ``prob_max`` = mean and maximum of the model's lesion probability over the
-  lesion's voxels (written by :func:`instance_saliency.explain.explain`).
+  lesion's voxels (written by :func:`instance_saliency.explain.explain`);
+* ``brain_border_mm`` = distance (mm) from the lesion to the edge of the brain
+  (:func:`brain_border_distance`), when the table has it (runs made since it exists).
+
+A baseline feature whose source column is missing from the table is left out (not imputed).
 
 **(b) baseline + saliency of one method** ``m`` (SmoothGrad, Grad-CAM++, any later method):
 the baseline plus
@@ -17,9 +21,9 @@ the baseline plus
   ``{m}_{ch}_peak_max``, ``_peak_min``, ``_mean_in``, ``_rim_1_3mm`` (mean of the 1, 2 and
   3 mm outside shells) and, for two or more channels, the share ``{m}_{ch0}_share``;
 * the *map* features of :func:`map_features`, written into ``instances.csv`` by ``explain``:
-  first-order (intensity-histogram) statistics and grey-level co-occurrence (GLCM) texture of
-  each channel's map inside the lesion and in its rim, the two families RadiomXAI [2]_ reads
-  from the FLAIR saliency map to flag false positives.
+  first-order (intensity-histogram) statistics, grey-level co-occurrence (GLCM) and size-zone
+  (GLSZM) texture of each channel's map inside the lesion and in its rim, the radiomics
+  families RadiomXAI [2]_ reads from the saliency maps to flag false positives.
 
 Map features (:func:`map_features`)
 -----------------------------------
@@ -53,8 +57,16 @@ voxels in the region, summed over the 13 directions into one symmetric matrix (I
 ``sum P (i-j)^2``, ``dissimilarity`` = ``sum P |i-j|``, ``homogeneity`` =
 ``sum P / (1 + (i-j)^2)``, ``energy`` = ``sqrt(sum P^2)``, ``correlation`` =
 ``sum P (i-mu_i)(j-mu_j) / (sigma_i sigma_j)`` (1 when a marginal variance is 0). NaN when
-the region holds no such pair (e.g. a one-voxel lesion). GLSZM (size-zone) texture is not
-computed.
+the region holds no such pair (e.g. a one-voxel lesion).
+
+GLSZM texture (``{m}_{ch}_glszm_{region}_*``, IBSI size-zone family [3]_, Thibault et al. [5]_):
+zones are the 26-connected components of voxels of one grey level inside the region; with
+``N_z`` zones, ``N_v`` voxels, ``s_z`` the size of zone ``z``, ``n_g`` the number of zones of
+level ``g`` and ``m_s`` the number of zones of size ``s``: ``sze`` (small zone emphasis) =
+``sum_z s_z^-2 / N_z``; ``lze`` (large zone emphasis) = ``sum_z s_z^2 / N_z``; ``glnn``
+(normalised grey-level non-uniformity) = ``sum_g n_g^2 / N_z^2``; ``zsnn`` (normalised zone-size
+non-uniformity) = ``sum_s m_s^2 / N_z^2``; ``zp`` (zone percentage) = ``N_z / N_v``. NaN for an
+empty region.
 
 Maps cropped to a box around the lesion work the same: only the region inside the array is
 read, so a rim cut by the box edge is measured on its part inside the box.
@@ -70,6 +82,8 @@ References
    295(2), 328-338, 2020.
 .. [4] R. M. Haralick, K. Shanmugam and I. Dinstein, "Textural features for image
    classification", IEEE Trans. SMC 3(6), 610-621, 1973.
+.. [5] G. Thibault et al., "Texture indexes and gray level size zone matrix: application to
+   cell nuclei classification", Pattern Recognition and Information Processing (PRIP), 2009.
 """
 
 from __future__ import annotations
@@ -87,6 +101,8 @@ __all__ = [
     "BASELINE",
     "FIRST_ORDER",
     "GLCM",
+    "GLSZM",
+    "brain_border_distance",
     "REGIONS",
     "map_feature_columns",
     "map_features",
@@ -98,11 +114,13 @@ __all__ = [
 ]
 
 #: baseline feature names (lesion size and the model's own confidence)
-BASELINE = ("log_volume_mm3", "prob_mean", "prob_max")
+BASELINE = ("log_volume_mm3", "prob_mean", "prob_max", "brain_border_mm")
 #: first-order statistics of a region's values
 FIRST_ORDER = ("mean", "sd", "skew", "kurt", "p10", "p50", "p90", "iqr", "rms", "entropy")
 #: GLCM properties (:func:`skimage.feature.graycoprops` names)
 GLCM = ("contrast", "dissimilarity", "homogeneity", "energy", "correlation")
+#: GLSZM features (IBSI size-zone family)
+GLSZM = ("sze", "lze", "glnn", "zsnn", "zp")
 #: regions of the map features: the lesion and its outside rim
 REGIONS = ("in", "rim")
 #: default rim width (mm) and number of grey levels
@@ -128,7 +146,8 @@ def map_feature_columns(method: str = "smoothgrad",
     list of str
         Per channel ``ch`` (lowercased) and region ``r`` in :data:`REGIONS`:
         ``{method}_{ch}_fo_{r}_{stat}`` for ``stat`` in :data:`FIRST_ORDER`, then
-        ``{method}_{ch}_glcm_{r}_{prop}`` for ``prop`` in :data:`GLCM`.
+        ``{method}_{ch}_glcm_{r}_{prop}`` for ``prop`` in :data:`GLCM`, then
+        ``{method}_{ch}_glszm_{r}_{f}`` for ``f`` in :data:`GLSZM`.
     """
     from .quantify import _names
 
@@ -139,6 +158,8 @@ def map_feature_columns(method: str = "smoothgrad",
             cols += [f"{method}_{ch}_fo_{r}_{s}" for s in FIRST_ORDER]
         for r in REGIONS:
             cols += [f"{method}_{ch}_glcm_{r}_{p}" for p in GLCM]
+        for r in REGIONS:
+            cols += [f"{method}_{ch}_glszm_{r}_{f}" for f in GLSZM]
     return cols
 
 
@@ -211,10 +232,78 @@ def _glcm_props(counts: np.ndarray) -> dict:
     return out
 
 
+def glszm_features(levels_3d: np.ndarray, region: np.ndarray, levels: int) -> dict:
+    """Size-zone features of the grey levels inside ``region`` (definitions: module docs).
+
+    Parameters
+    ----------
+    levels_3d : ndarray of int, shape (X, Y, Z)
+        Grey level of every voxel, in ``0 .. levels - 1``.
+    region : ndarray of bool, shape (X, Y, Z)
+    levels : int
+
+    Returns
+    -------
+    dict
+        ``sze``, ``lze``, ``glnn``, ``zsnn``, ``zp`` (NaN for an empty region).
+    """
+    from scipy import ndimage
+
+    out = dict.fromkeys(GLSZM, float("nan"))
+    n_v = int(region.sum())
+    if n_v == 0:
+        return out
+    structure = np.ones((3, 3, 3), dtype=bool)
+    sizes, zone_levels = [], []
+    for g in np.unique(levels_3d[region]):
+        lab, n = ndimage.label(region & (levels_3d == g), structure=structure)
+        sz = np.bincount(lab.ravel())[1:]
+        sizes.append(sz)
+        zone_levels.append(np.full(n, g))
+    s = np.concatenate(sizes).astype(np.float64)
+    n_z = s.size
+    _, per_level = np.unique(np.concatenate(zone_levels), return_counts=True)
+    _, per_size = np.unique(s, return_counts=True)
+    out.update(sze=float(np.mean(1.0 / s ** 2)), lze=float(np.mean(s ** 2)),
+               glnn=float(np.sum(per_level.astype(float) ** 2) / n_z ** 2),
+               zsnn=float(np.sum(per_size.astype(float) ** 2) / n_z ** 2), zp=n_z / n_v)
+    return out
+
+
+def brain_border_distance(image, spacing) -> np.ndarray:
+    """Distance (mm) of every voxel to the edge of the brain.
+
+    The brain is where any channel is non-zero (the inputs are skull-stripped and background
+    stays 0 after normalisation), holes filled (:func:`scipy.ndimage.binary_fill_holes`);
+    the distance is the Euclidean distance transform with the voxel spacing: a brain voxel's
+    distance to the nearest non-brain voxel (voxel centres; the outermost brain voxels are at
+    one voxel spacing), 0 outside the brain. The edge of the array counts as the brain's edge
+    (a brain cut by the field of view). Per lesion, explain records the minimum over the
+    lesion's voxels (``brain_border_mm``).
+
+    Parameters
+    ----------
+    image : ndarray, shape (C, X, Y, Z)
+        The input channels on the user grid.
+    spacing : sequence of 3 float
+        Voxel spacing in mm.
+
+    Returns
+    -------
+    ndarray, float32, shape (X, Y, Z)
+    """
+    from scipy import ndimage
+
+    brain = ndimage.binary_fill_holes(np.any(np.asarray(image) != 0, axis=0))
+    padded = np.pad(brain, 1)  # the edge of the field of view counts as the brain's edge
+    d = ndimage.distance_transform_edt(padded, sampling=tuple(float(v) for v in spacing))
+    return d[1:-1, 1:-1, 1:-1].astype(np.float32)
+
+
 def map_features(saliency, mask, spacing, channel_names: Sequence[str] = ("FLAIR", "MPRAGE"),
                  method: str = "smoothgrad", rim_mm: float = RIM_MM,
                  levels: int = LEVELS) -> dict:
-    """First-order and GLCM texture features of one lesion's saliency map, lesion and rim.
+    """First-order, GLCM and GLSZM features of one lesion's saliency map, lesion and rim.
 
     Definitions: see the module docstring (RadiomXAI's feature families [2]_, IBSI [3]_,
     Haralick [4]_).
@@ -282,15 +371,18 @@ def map_features(saliency, mask, spacing, channel_names: Sequence[str] = ("FLAIR
             lv = np.clip(np.floor((sc - lo) / (hi - lo) * levels), 0, levels - 1).astype(np.int64)
         else:
             lv = np.zeros(sc.shape, dtype=np.int64)
-        fo, gl = {}, {}
+        fo, gl, gz = {}, {}, {}
         for r, reg in regions.items():
             fo[r] = _first_order(sc[reg], lv[reg], levels)
             gl[r] = _glcm_props(glcm_matrix(lv, reg, levels))
+            gz[r] = glszm_features(lv, reg, levels)
         p = f"{method}_{ch}"
         for r in REGIONS:
             row.update({f"{p}_fo_{r}_{k}": v for k, v in fo[r].items()})
         for r in REGIONS:
             row.update({f"{p}_glcm_{r}_{k}": v for k, v in gl[r].items()})
+        for r in REGIONS:
+            row.update({f"{p}_glszm_{r}_{k}": v for k, v in gz[r].items()})
     return {k: row[k] for k in map_feature_columns(method, chs)}
 
 
@@ -316,18 +408,22 @@ def methods_in(columns: Sequence[str]) -> list:
 
 
 def baseline_features(instances: pd.DataFrame) -> pd.DataFrame:
-    """Baseline set (a): ``log_volume_mm3``, ``prob_mean``, ``prob_max`` (NaN when the table
-    lacks the column or the volume is not positive)."""
+    """Baseline set (a): the columns of :data:`BASELINE` whose source is in the table.
+
+    ``log_volume_mm3`` = ln(``volume_mm3``) (NaN when the volume is not positive);
+    ``prob_mean``, ``prob_max``, ``brain_border_mm`` as written by explain. A feature whose
+    source column is missing is left out, so that a flagger needing it refuses the table
+    instead of imputing a whole column.
+    """
     feats = {}
     if "volume_mm3" in instances:
         vol = _num(instances, "volume_mm3")
         with np.errstate(divide="ignore", invalid="ignore"):
             feats["log_volume_mm3"] = np.where(vol > 0, np.log(np.where(vol > 0, vol, 1)),
                                                np.nan)
-    else:
-        feats["log_volume_mm3"] = np.full(len(instances), np.nan)
-    for c in ("prob_mean", "prob_max"):
-        feats[c] = _num(instances, c) if c in instances else np.full(len(instances), np.nan)
+    for c in BASELINE[1:]:
+        if c in instances:
+            feats[c] = _num(instances, c)
     return pd.DataFrame(feats, index=instances.index)
 
 
@@ -368,7 +464,7 @@ def summary_features(instances: pd.DataFrame, method: str | None = None,
 
 
 def _map_columns(columns: Sequence[str], method: str) -> list:
-    pat = re.compile(rf"^{re.escape(method)}_.+_(fo|glcm)_({'|'.join(REGIONS)})_[a-z0-9]+$")
+    pat = re.compile(rf"^{re.escape(method)}_.+_(fo|glcm|glszm)_({'|'.join(REGIONS)})_[a-z0-9]+$")
     return [str(c) for c in columns if pat.match(str(c))]
 
 

@@ -178,9 +178,9 @@ def _canonical_channels(instances: pd.DataFrame, profiles: pd.DataFrame):
             if not col.startswith(pre):
                 continue
             rest = col[len(pre):]
-            # map features ({ch}_fo_..., {ch}_glcm_...) and rims ({ch}_rim_...): the channel
+            # map features ({ch}_fo_, _glcm_, _glszm_...) and rims ({ch}_rim_...): the channel
             # is what precedes the first marker
-            marks = [rest.find(k) for k in ("_fo_", "_glcm_", "_rim_") if k in rest]
+            marks = [rest.find(k) for k in ("_fo_", "_glcm_", "_glszm_", "_rim_") if k in rest]
             ch = rest[:min(marks)] if marks else next(
                 (rest[: -len(sfx)] for sfx in ("_peak_max", "_peak_min", "_mean_in", "_sum_in",
                                                "_sum_abs", "_share") if rest.endswith(sfx)),
