@@ -517,3 +517,13 @@ def test_brain_border_distance():
     assert d[4, 4, 2] == 2.0  # 2 mm spacing along z
     full = features.brain_border_distance(np.ones((1, 5, 5, 5)), (1, 1, 1))
     assert full[0, 2, 2] == 1.0 and full[2, 2, 2] == 3.0  # the field of view's edge counts
+
+
+def test_baseline_flagger_refuses_a_table_without_its_columns():
+    df = make_cohort(n_subjects=4).assign(brain_border_mm=lambda d: d.volume_mm3 % 7)
+    fl = flagging.fit_flagger(df, "baseline", None)
+    assert fl["features"] == ["log_volume_mm3", "prob_mean", "prob_max", "brain_border_mm"]
+    fl = json.loads(json.dumps(fl))
+    with pytest.raises(InputError, match="needs column.*brain_border_mm"):
+        flagging.flagger_probabilities(fl, df.drop(columns="brain_border_mm"))
+    assert np.isfinite(flagging.flagger_probabilities(fl, df)).all()
