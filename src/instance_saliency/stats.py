@@ -890,11 +890,15 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     if fit_flagger is not None:
         _fit_and_save_flagger(out, instances, res, fit_flagger, flagger_set, method,
                               threshold_rule, seed, n_splits, log)
-    fa = (fe["methods"][fe["primary"]]["saliency"]["auc"]["auc"]
-          if fe["status"] == "ok" and fe.get("primary") else None)
+    tail = ""
+    if fe["status"] == "ok":
+        tail = (f"; out-of-fold FP-flagging AUC {_f(fe['baseline']['auc']['auc'])} with size and "
+                "probability" + "".join(
+                    f", {_f(e['saliency']['auc']['auc'])} with {m} (ΔAUC "
+                    f"{_f(e['delta_auc']['estimate'])} [{_f(e['delta_auc']['ci_low'])}, "
+                    f"{_f(e['delta_auc']['ci_high'])}])" for m, e in fe["methods"].items()))
     log(f"cohort statistics of {len(subjects)} subject(s), {len(instances)} lesion(s) "
-        f"written to {out / 'stats.md'}"
-        + (f"; out-of-fold FP-flagging AUC {_f(fa)}" if fa is not None else ""))
+        f"written to {out / 'stats.md'}{tail}")
     return res
 
 
