@@ -75,6 +75,7 @@ import pandas as pd
 
 from ._format import fmt_number as _f
 from .errors import InputError
+from .explain import METHOD_LABELS  # display names (explain imports torch lazily)
 from .features import BASELINE, feature_table, lesion_features, methods_in
 
 __all__ = [
@@ -99,8 +100,6 @@ __all__ = [
 
 #: regularisation candidates of the inner folds, strongest first: (penalty, C)
 GRID = tuple((pen, c) for c in (0.01, 0.1, 1.0, 10.0) for pen in ("l2", "l1"))
-#: display names of the saliency methods (others are shown as named)
-METHOD_LABELS = {"smoothgrad": "SmoothGrad", "gradcampp": "Grad-CAM++", "hirescam": "HiResCAM"}
 FLAGGER_FORMAT = "instance-saliency-flagger"
 FLAGGER_VERSION = 1
 
