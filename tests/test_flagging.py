@@ -527,3 +527,26 @@ def test_baseline_flagger_refuses_a_table_without_its_columns():
     with pytest.raises(InputError, match="needs column.*brain_border_mm"):
         flagging.flagger_probabilities(fl, df.drop(columns="brain_border_mm"))
     assert np.isfinite(flagging.flagger_probabilities(fl, df)).all()
+
+
+def test_analyze_fits_a_cam_flagger(tmp_path):
+    """--flagger-method picks any method with per-lesion columns (here Grad-CAM++)."""
+    from instance_saliency import cli
+
+    df = make_cohort(n_subjects=5, saliency="label")
+    for c in [c for c in df.columns if c.startswith("smoothgrad_flair_peak")]:
+        df[c.replace("smoothgrad_flair", "gradcampp_cam")] = df[c]
+    for s, g in df.groupby("subject"):
+        d = tmp_path / "subjects" / s
+        d.mkdir(parents=True)
+        g.drop(columns="subject").to_csv(d / "instances.csv", index=False)
+        (d / "run.json").write_text("{}")
+    args = ["analyze", str(tmp_path), "--n-boot", "10", "--n-perm", "10", "--no-figures",
+            "--fit-flagger", str(tmp_path / "f.json")]
+    assert cli.main([*args, "--flagger-method", "gradcampp"]) == 0
+    fl = flagging.load_flagger(tmp_path / "f.json")
+    assert fl["method"] == "gradcampp" and "gradcampp_cam_peak_max" in fl["features"]
+    assert not any(f.startswith("smoothgrad") for f in fl["features"])
+    js = json.loads((tmp_path / "stats.json").read_text())
+    assert set(js["flag_errors"]["methods"]) == {"smoothgrad", "gradcampp"}
+    assert cli.main([*args, "--flagger-method", "hirescam"]) == 2

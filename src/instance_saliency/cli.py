@@ -363,7 +363,7 @@ def cmd_analyze(a) -> int:
     analyze(a.outdir, n_boot=a.n_boot, seed=a.seed, p0=a.p0, method=a.method,
             include_log_volume=a.log_volume, threshold_rule=a.threshold_rule,
             figures=not a.no_figures, n_perm=a.n_perm, fit_flagger=a.fit_flagger,
-            flagger_set=a.flagger_set)
+            flagger_set=a.flagger_set, flagger_method=a.flagger_method)
     return 0
 
 
@@ -566,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--flagger-set", choices=("saliency", "baseline"), default="saliency",
                     help="features of that flagger: baseline + --method's saliency (default) "
                     "or the baseline alone (lesion size, mean/max probability)")
+    an.add_argument("--flagger-method", help="saliency method of that flagger (default: "
+                    "--method), e.g. gradcampp")
     an.add_argument("--threshold-rule", choices=("f1", "youden"), default="f1",
                     help="flagging threshold chosen in each training fold (default f1)")
     an.add_argument("--no-figures", action="store_true", help="skip PNGs and the HTML report")

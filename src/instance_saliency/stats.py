@@ -763,7 +763,7 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
             method: str = "smoothgrad", include_log_volume: bool = False,
             threshold_rule: str = "f1", figures: bool = True, log=print, n_perm: int = 2000,
             fit_flagger: str | os.PathLike | None = None, flagger_set: str = "saliency",
-            n_splits: int = 5) -> dict:
+            n_splits: int = 5, flagger_method: str | None = None) -> dict:
     """Run every cohort statistic on a cohort folder and write the results.
 
     Writes (all atomically) ``out/cohort_instances.csv`` (pooled lesion table with the
@@ -804,7 +804,10 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     fit_flagger : path, optional
         Also fit the flagger on all subjects and write it there as JSON.
     flagger_set : {"saliency", "baseline"}
-        Feature set of that flagger (``saliency``: baseline + ``method``'s saliency).
+        Feature set of that flagger (``saliency``: baseline + ``flagger_method``'s saliency).
+    flagger_method : str, optional
+        Saliency method of that flagger (default ``method``; any method with per-lesion
+        columns, e.g. ``gradcampp``).
     n_splits : int
         Outer (and inner) subject-grouped folds of the flagging CV.
 
@@ -839,9 +842,11 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     if len(instances) and method not in available:
         raise InputError(f"--method {method!r} has no FLAIR/MPRAGE columns in this cohort; "
                          f"available: {', '.join(available) or 'none'}")
+    flagger_method = flagger_method or method
     if fit_flagger is not None and flagger_set == "saliency" \
-            and method not in methods_in(instances.columns):
-        raise InputError(f"--fit-flagger: no {method} saliency columns in this cohort")
+            and flagger_method not in methods_in(instances.columns):
+        raise InputError(f"--fit-flagger: no {flagger_method} saliency columns in this cohort; "
+                         f"available: {', '.join(methods_in(instances.columns)) or 'none'}")
     for d in (out, out / "figures") if figures else (out,):  # before any file is replaced
         try:
             d.mkdir(exist_ok=True)
@@ -888,7 +893,7 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     if figures:
         _cohort_report(out, instances, prof, res)
     if fit_flagger is not None:
-        _fit_and_save_flagger(out, instances, res, fit_flagger, flagger_set, method,
+        _fit_and_save_flagger(out, instances, res, fit_flagger, flagger_set, flagger_method,
                               threshold_rule, seed, n_splits, log)
     tail = ""
     if fe["status"] == "ok":
