@@ -8,9 +8,9 @@ sharper: **do saliency features add information beyond the lesion probability an
 model already gives?** :func:`compare_feature_sets` answers it for every saliency method of a
 cohort by comparing two logistic regressions on the same lesions with the same validation:
 
-* (a) **baseline**: ln(volume), mean and max lesion probability;
+* (a) **baseline**: ln(volume), mean and max lesion probability, distance to the brain edge;
 * (b) **baseline + saliency** of one method (its summary numbers and its map features:
-  first-order and GLCM texture inside the lesion and in its rim; see
+  first-order, GLCM and GLSZM texture inside the lesion and in its rim; see
   :mod:`instance_saliency.features` for every definition).
 
 Validation that cannot leak (subject-grouped **nested** cross-validation, [3]_):
@@ -675,7 +675,7 @@ def markdown(res: dict) -> str:
         f"out-of-fold probabilities; it never lowers the training subjects' F1 — a fold where "
         f"no threshold helps keeps all lesions). Baseline (a): "
         f"{', '.join(res['baseline']['features'])}. Saliency (b): the baseline plus the "
-        f"method's peaks, lesion and rim means, shares and first-order/GLCM map features "
+        f"method's peaks, lesion and rim means, shares and first-order/GLCM/GLSZM map features "
         f"(definitions: `instance_saliency.features`). AUC: positive class FP, {lvl} CI by "
         f"subject bootstrap; ΔAUC = AUC(b) − AUC(a) on the same lesions, CI by subject "
         f"bootstrap, p by exchanging the two models' ranked scores within subjects "
