@@ -550,3 +550,16 @@ def test_analyze_fits_a_cam_flagger(tmp_path):
     js = json.loads((tmp_path / "stats.json").read_text())
     assert set(js["flag_errors"]["methods"]) == {"smoothgrad", "gradcampp"}
     assert cli.main([*args, "--flagger-method", "hirescam"]) == 2
+
+
+def test_markdown_says_when_held_out_f1_falls(noise_res):
+    import copy
+
+    res = copy.deepcopy(noise_res)
+    res.pop("predictions")
+    res["baseline"]["after"] = dict(res["baseline"]["before"], f1=0.1)
+    assert "lowered lesion F1 on the held-out subjects for baseline" in flagging.markdown(res)
+    res["baseline"]["after"] = dict(res["baseline"]["before"])
+    sal = res["methods"]["smoothgrad"]["saliency"]
+    sal["after"] = dict(sal["before"])
+    assert "held-out subjects" not in flagging.markdown(res)

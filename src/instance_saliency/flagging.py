@@ -699,6 +699,12 @@ def markdown(res: dict) -> str:
             for m, e in res["methods"].items()]
     out.append("\n" + st._md_table(["method", f"ΔAUC [{lvl} CI]", "permutation p",
                                     "permutations"], rows))
+    worse = [name for name, r in sets if r["after"]["f1"] < r["before"]["f1"] - 1e-12]
+    if worse:
+        out.append(f"\nRemoving the flagged lesions lowered lesion F1 on the held-out subjects "
+                   f"for {', '.join(worse)}, although the threshold never lowers it on the "
+                   f"training subjects: here the flagging threshold does not transfer across "
+                   f"subjects.\n")
     notes = []
     for name, r in sets:
         reasons = sorted({f["keep_all_reason"] for f in r["folds"]
