@@ -8,7 +8,7 @@ DEMO_OUT ?= out/demo
 SHARED_DATA := $(abspath ../shared/data)
 export INSTANCE_SALIENCY_DATA ?= $(if $(wildcard $(SHARED_DATA)/SHA256SUMS),$(SHARED_DATA),)
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean cohort-example
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# Regenerate docs/cohort_example (four public scans, shipped model; long on CPU).
+# Options: make cohort-example COHORT_ARGS="--model DIR --device cuda"
+cohort-example: venv
+	$(PY) tools/cohort_example.py $(COHORT_ARGS)
 
 clean:
 	rm -rf $(VENV) out

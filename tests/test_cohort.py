@@ -286,3 +286,50 @@ def test_shards_then_analyze(dataset, model_dir, tmp_path):
     js = json.loads((out / "stats.json").read_text())
     assert js["subjects"] == ["sub-01", "sub-02", "sub-03", "sub-04"]
     assert js["n_lesions"] == 12
+
+
+def test_analyze_fit_flagger_then_explain_flagger(dataset, model_dir, tmp_path):
+    """cohort -> analyze --fit-flagger -> explain --flagger: the per-lesion FP probability of
+    explain equals the flagger's formula on that run's own table; flagged lesions are marked."""
+    import pandas as pd
+
+    from instance_saliency import flagging
+
+    out = tmp_path / "cohort"
+    assert cli.main(["cohort", "--data", str(dataset), "--out", str(out), "--model",
+                     str(model_dir), *FAST]) == 0
+    table = pd.read_csv(out / "subjects" / "sub-01" / "instances.csv")
+    assert "smoothgrad_flair_glcm_in_contrast" in table and "smoothgrad_mprage_fo_rim_p90" in table
+    assert "smoothgrad_flair_glszm_rim_zp" in table and (table.brain_border_mm > 0).all()
+    js = json.loads((out / "stats.json").read_text())
+    assert js["flag_errors"]["status"] == "ok" and "smoothgrad" in js["flag_errors"]["methods"]
+    assert "beyond size and confidence" in (out / "stats.md").read_text()
+    fl_path = tmp_path / "flagger.json"
+    assert cli.main(["analyze", str(out), "--n-boot", "20", "--n-perm", "20", "--no-figures",
+                     "--fit-flagger", str(fl_path), "--flagger-set", "baseline"]) == 0
+    fl = json.loads(fl_path.read_text())
+    assert fl["features"] == ["log_volume_mm3", "prob_mean", "prob_max", "brain_border_mm"]
+    assert fl["feature_set"] == "baseline" and fl["fitted_on"]["subjects"] == [
+        "sub-01", "sub-02", "sub-03", "sub-04"]
+    assert fl["fitted_on"]["model"] and fl["fitted_on"]["explain_parameters"]["n_samples"] == 1
+    # force a threshold every predicted lesion reaches, so that flags are visible
+    fl["threshold"] = 0.0
+    fl_path.write_text(json.dumps(fl))
+    f, m, gt = subject_arrays(0)
+    src = tmp_path / "one"
+    fp, mp, gp = (write_nifti(src / n, a) for n, a in (("f.nii.gz", f), ("m.nii.gz", m),
+                                                        ("gt.nii.gz", gt)))
+    run = tmp_path / "run"
+    assert cli.main(["explain", "--flair", str(fp), "--mprage", str(mp), "--mask", str(gp),
+                     "--model", str(model_dir), "--methods", "smoothgrad", "--n-samples", "1",
+                     "--quiet", "--flagger", str(fl_path), "--out", str(run)]) == 0
+    t = pd.read_csv(run / "instances.csv")
+    pred = t.source == "pred"
+    expect = flagging.flagger_probabilities(flagging.load_flagger(fl_path), t[pred])
+    np.testing.assert_allclose(t.flagger_prob_fp[pred], expect, rtol=0, atol=1e-9)
+    assert t.flagger_prob_fp[~pred].isna().all() and t.flagger_flagged[pred].all()
+    report = (run / "report.html").read_text()
+    assert "flagged as likely FP" in report
+    rj = json.loads((run / "run.json").read_text())
+    assert rj["parameters"]["flagger"] == str(fl_path)
+    assert rj["flagger"]["feature_set"] == "baseline" and len(rj["flagger"]["sha256"]) == 64

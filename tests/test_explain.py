@@ -136,6 +136,13 @@ def test_maps_on_input_grid_and_csv_recomputed(case):
                                        rtol=1e-5, atol=1e-7)
             np.testing.assert_allclose(row[f"smoothgrad_{ch}_sum_in"], sal[..., c][m].sum(),
                                        rtol=1e-4, atol=1e-6)
+        # the map features of explain are those of the written map (features.map_features)
+        from instance_saliency.features import map_features
+
+        mf = map_features(np.moveaxis(sal, -1, 0), m, ref.header.get_zooms()[:3])
+        fo = [k for k in mf if "_fo_" in k]
+        np.testing.assert_allclose(row[fo].to_numpy(float), [mf[k] for k in fo], rtol=1e-4,
+                                   atol=1e-6)
         tot = np.abs(sal).sum()
         assert tot > 0, "saliency of a lesion cannot be identically zero here"
         cam = nib.load(str(run / "saliency" / "gradcampp" / f"lesion_{label:03d}.nii.gz"))

@@ -14,7 +14,7 @@ import pytest
 from scipy import stats as ss
 from sklearn.metrics import roc_auc_score
 
-from instance_saliency import stats
+from instance_saliency import flagging, stats
 from instance_saliency.errors import InputError
 
 RIMS = [f"rim_out_{k}mm" for k in range(1, 6)] + ["rim_in_1mm", "rim_in_2mm"]
@@ -312,7 +312,7 @@ def test_threshold_chosen_without_test_fold(cohort, monkeypatch):
         calls.append((len(prob), int(np.sum(is_fp)), n_fn))
         return real(prob, is_fp, n_fn, rule)
 
-    monkeypatch.setattr(stats, "choose_threshold", spy)
+    monkeypatch.setattr(flagging, "choose_threshold", spy)
     res = stats.flag_errors(cohort, n_boot=0)
     assert len(calls) == len(res["folds"])
     for (n, n_fp, n_fn), f in zip(calls, res["folds"]):
@@ -344,7 +344,7 @@ def test_flag_errors_not_enough_data():
 def test_flag_errors_tiny_case_by_hand(monkeypatch):
     """Before/after F1 on 3 subjects, threshold forced to 0.5 so the flags are known."""
     df = make_cohort(n_subjects=3, n_tp=2, n_fp=2, n_fn=1)
-    monkeypatch.setattr(stats, "choose_threshold", lambda *a, **k: 0.5)
+    monkeypatch.setattr(flagging, "choose_threshold", lambda *a, **k: 0.5)
     res = stats.flag_errors(df, n_boot=0)
     pr = res["predictions"]
     flagged = pr.prob_fp >= 0.5
@@ -435,7 +435,9 @@ def test_analyze_writes_consistent_outputs(tmp_path):
     # same seed -> same numbers
     res2 = stats.analyze(tmp_path, n_boot=100, seed=0, figures=False, log=lambda m: None)
     assert json.loads((tmp_path / "stats.json").read_text()) == js
-    assert res2["flag_errors"]["auc"] == res["flag_errors"]["auc"]
+    assert res2["flag_errors"]["baseline"]["auc"] == res["flag_errors"]["baseline"]["auc"]
+    assert (res2["flag_errors"]["methods"]["smoothgrad"]["delta_auc"]
+            == res["flag_errors"]["methods"]["smoothgrad"]["delta_auc"])
 
 
 def test_analyze_without_ground_truth(tmp_path):

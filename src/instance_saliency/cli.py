@@ -168,7 +168,7 @@ def _explain_config(a):
         matching=a.matching, iou_threshold=a.iou_threshold, threshold=a.threshold,
         cam_layer=a.cam_layer, seed=a.seed, batch_size=a.batch_size,
         sw_batch_size=a.sw_batch_size, max_instances=a.max_instances,
-        figures=not a.no_figures, device=a.device, **_model_options(a))
+        figures=not a.no_figures, device=a.device, flagger=a.flagger, **_model_options(a))
 
 
 def _cli_log(msg: str) -> None:
@@ -362,7 +362,8 @@ def cmd_analyze(a) -> int:
 
     analyze(a.outdir, n_boot=a.n_boot, seed=a.seed, p0=a.p0, method=a.method,
             include_log_volume=a.log_volume, threshold_rule=a.threshold_rule,
-            figures=not a.no_figures)
+            figures=not a.no_figures, n_perm=a.n_perm, fit_flagger=a.fit_flagger,
+            flagger_set=a.flagger_set, flagger_method=a.flagger_method)
     return 0
 
 
@@ -468,6 +469,9 @@ def _add_explain_options(e, **overrides) -> None:
                    help="windows per forward pass")
     e.add_argument("--max-instances", type=int, default=d.max_instances,
                    help=f"refuse scans with more lesion instances (default {d.max_instances})")
+    e.add_argument("--flagger", metavar="FILE", help="JSON flagger written by `analyze "
+                   "--fit-flagger`: adds per-lesion flagger_prob_fp / flagger_flagged columns "
+                   "and marks flagged lesions in the report")
     e.add_argument("--no-figures", action="store_true", help="skip PNG figures and report.html")
     e.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     e.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
@@ -634,7 +638,16 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--method", default="smoothgrad", help="saliency method of the FLAIR/"
                     "MPRAGE and rim analyses (default smoothgrad)")
     an.add_argument("--log-volume", action="store_true",
-                    help="add ln(lesion volume) to the false-positive classifier's features")
+                    help="ignored (ln lesion volume is always in the baseline features)")
+    an.add_argument("--n-perm", type=int, default=2000, help="permutations of the paired "
+                    "ΔAUC test, baseline vs baseline + saliency (default 2000)")
+    an.add_argument("--fit-flagger", metavar="FILE", help="also fit the FP flagger on all "
+                    "subjects and save it as JSON (for explain --flagger)")
+    an.add_argument("--flagger-set", choices=("saliency", "baseline"), default="saliency",
+                    help="features of that flagger: baseline + --method's saliency (default) "
+                    "or the baseline alone (lesion size, mean/max probability)")
+    an.add_argument("--flagger-method", help="saliency method of that flagger (default: "
+                    "--method), e.g. gradcampp")
     an.add_argument("--threshold-rule", choices=("f1", "youden"), default="f1",
                     help="flagging threshold chosen in each training fold (default f1)")
     an.add_argument("--no-figures", action="store_true", help="skip PNGs and the HTML report")

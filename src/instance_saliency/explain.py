@@ -69,6 +69,10 @@ class ExplainConfig:
         lesion label); ``None`` = the model's defaults (:func:`instance_saliency.models.load_model`).
     max_instances : int
         Refuse scans with more instances than this (raise ``min_size`` or this limit).
+    flagger : str or None
+        JSON flagger (:func:`instance_saliency.flagging.load_flagger`): adds the per-lesion
+        columns ``flagger_prob_fp`` and ``flagger_flagged`` and marks flagged lesions in the
+        report.
     figures : bool
         Write PNG figures and ``report.html``.
     """
@@ -99,6 +103,7 @@ class ExplainConfig:
     mirroring: bool | None = None
     step_size: float | None = None
     lesion_label: str | None = None
+    flagger: str | None = None
 
     def validate(self) -> None:
         """Raise :class:`InputError` for out-of-range parameters."""
@@ -301,17 +306,18 @@ def table_columns(methods: Sequence[str] = DEFAULT_METHODS, channels: Sequence[s
     FLAIR, MPRAGE), in order (also the header of a run without any lesion instance)."""
     from .instances import Instance
     from .io import CHANNELS
+    from .features import map_feature_columns
     from .models.channels import column_name
     from .quantify import quantify_columns
 
     chans = [column_name(c) for c in (channels or CHANNELS)]
     zero = (0, 0, 0)
     cols = list(Instance(0, "unknown", "pred", 0, 0, 0.0, zero, zero, zero, zero).to_dict())
-    cols += ["prob_mean", "prob_max"]
+    cols += ["prob_mean", "prob_max", "brain_border_mm"]
     for m in METHODS:
         if m in methods:
             ch = chans if m == "smoothgrad" else ("CAM",)
-            cols += quantify_columns(m, ch) + [f"{m}_n_windows"]
+            cols += quantify_columns(m, ch) + [f"{m}_n_windows"] + map_feature_columns(m, ch)
     return cols
 
 
@@ -363,12 +369,14 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
     from .models import load_model
     from .models.base import check_lesion_class
     from .models.channels import column_name, match_channels
+    from .features import brain_border_distance, map_features
     from .quantify import distance_profile, quantify_instance
     from .saliency import gradcampp, hirescam, smoothgrad
     from .targets import InstanceTarget
 
     cfg = config or ExplainConfig()
     cfg.validate()
+    flagger = _load_flagger(cfg)
     out = Path(out)
     timings: dict = {}
     t_all = time.time()
@@ -437,11 +445,14 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
         insts = iset.instances
         masks = [iset.mask(i) for i in insts]
         rows = []
+        border = brain_border_distance(subj.image, subj.spacing) if insts else None
         for i, m in zip(insts, masks):
             r = i.to_dict()
             r["prob_mean"] = float(prob[m].mean())
             r["prob_max"] = float(prob[m].max())
+            r["brain_border_mm"] = float(border[m].min())
             rows.append(r)
+        del border
         # instance targets on the network's grid (the same voxels when no resampling)
         net_masks = [prep.to_net(m) for m in masks]
         usable = [k for k, nm in enumerate(net_masks) if nm.any()]
@@ -491,6 +502,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
                          subj.affine, subj.header)
                 r.update(quantify_instance(dense, m, subj.spacing, chans, method,
                                            cfg.share_margin_mm, cfg.peak_margin_mm))
+                r.update(map_features(dense, m, subj.spacing, chans, method))
                 r[f"{method}_n_windows"] = res[pos].n_windows
                 for c, ch in enumerate(chans):
                     centres, means, counts = distance_profile(dense[c], m, subj.spacing,
@@ -506,6 +518,10 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
         columns = table_columns(cfg.methods, model.channels)
         table = (pd.DataFrame(rows).reindex(columns=columns) if rows
                  else pd.DataFrame(columns=columns))
+        if flagger is not None:
+            from .flagging import apply_flagger
+
+            table = apply_flagger(flagger, table)
         prof = pd.DataFrame(profiles, columns=["label", "status", "method", "channel",
                                                "distance_mm", "mean", "voxels"])
         atomic_write_text(stage / "instances.csv", table.to_csv(index=False))
@@ -519,6 +535,11 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
             "shape": list(subj.shape), "spacing_mm": list(subj.spacing),
             "orientation": subj.orientation, "channels": list(model.channels),
         }
+        if flagger is not None:
+            n_flag = int(table["flagger_flagged"].sum())
+            summary["flagged as likely FP (flagger)"] = (
+                n_flag if flagger["threshold"] is not None else
+                f"{n_flag} (this flagger keeps all lesions: {flagger.get('keep_all_reason')})")
         if cfg.figures:
             t0 = time.time()
             _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
@@ -538,6 +559,11 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
         }
         if skipped:
             run["no_saliency_outside_network_region"] = skipped
+        if flagger is not None:
+            run["flagger"] = {"path": str(Path(cfg.flagger).resolve()),
+                              "sha256": datasets.sha256sum(cfg.flagger),
+                              **{k: flagger.get(k) for k in ("feature_set", "method",
+                                                             "threshold", "fitted_on")}}
         atomic_write_text(stage / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
         commit_output(stage, out, overwrite, inputs)
     except BaseException:
@@ -548,6 +574,20 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
            if n else "no lesion instances found: empty table written")
     log(f"{msg}; outputs in {out} ({timings['total_s']:.0f} s)")
     return run
+
+
+def _load_flagger(cfg: ExplainConfig):
+    """The flagger of ``cfg.flagger`` (None without one), checked before any work: a bad file
+    or a flagger needing a method this run does not compute is a one-line InputError."""
+    if not cfg.flagger:
+        return None
+    from .flagging import load_flagger
+
+    fl = load_flagger(cfg.flagger)
+    if fl["feature_set"] == "saliency" and fl["method"] not in cfg.methods:
+        raise InputError(f"flagger {cfg.flagger} needs {fl['method']} saliency; add it to "
+                         f"--methods")
+    return fl
 
 
 def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
@@ -571,7 +611,11 @@ def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
                             channel_names=chans, signed=method == "smoothgrad",
                             title=f"lesion {inst.label} ({inst.status}, {inst.voxels} vox)",
                             out_png=png, method_label=label)
-            figs.append((f"{label}: lesion {inst.label} ({inst.status})", png, "Lesions"))
+            flag = ""
+            if "flagger_flagged" in table:
+                hit = table.loc[table["label"] == inst.label, "flagger_flagged"]
+                flag = " — flagged as likely FP" if len(hit) and bool(hit.iloc[0]) else ""
+            figs.append((f"{label}: lesion {inst.label} ({inst.status}){flag}", png, "Lesions"))
     p1 = figdir / "distance_profile.png"
     distance_profile_figure(prof, p1, title="saliency against distance from the lesion border")
     summary_figs = [("Saliency against signed distance from the border (mm)", p1, "Summary")]
@@ -583,5 +627,11 @@ def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
         modality_share_figure(table, p2, method="smoothgrad", channel_names=pair)
         summary_figs.append((f"{channel_names[0]} versus {channel_names[1]} (SmoothGrad)", p2,
                              "Summary"))
-    write_report(stage / "report.html", "instance-saliency report", summary, table,
-                 summary_figs + figs, notes=[f"parameters: {asdict(cfg)}"])
+    # the page shows the flagger's columns up front and leaves the map features to the CSV
+    flag_cols = [c for c in ("flagger_flagged", "flagger_prob_fp") if c in table]
+    shown = [c for c in table.columns if c not in flag_cols and "_fo_" not in c
+             and "_glcm_" not in c]
+    k = shown.index("status") + 1 if "status" in shown else 0
+    write_report(stage / "report.html", "instance-saliency report", summary,
+                 table[shown[:k] + flag_cols + shown[k:]], summary_figs + figs,
+                 notes=[f"parameters: {asdict(cfg)}"])

@@ -1,5 +1,6 @@
-"""Cohort statistics of per-lesion saliency: TP vs FP vs FN, FLAIR vs MPRAGE, lesion vs rim,
-and flagging likely false positives.
+"""Cohort statistics of per-lesion saliency: TP vs FP vs FN, FLAIR vs MPRAGE, lesion vs rim;
+:func:`analyze` also runs the false-positive flagging comparison of
+:mod:`instance_saliency.flagging` (features: :mod:`instance_saliency.features`).
 
 Input: the pooled per-lesion tables written by :func:`instance_saliency.explain.explain` for many
 subjects (``instances.csv``, ``profiles.csv``; see the README, "Outputs"), one row per lesion
@@ -139,6 +140,7 @@ def pool_instances(out: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     inst, prof = [], []
     for d in dirs:
         t = _read_csv(d / "instances.csv")
+        t = t.copy()  # one block: inserting into a wide table read from CSV warns otherwise
         t.insert(0, "subject", d.name)
         inst.append(t)
         pf = d / "profiles.csv"
@@ -176,13 +178,18 @@ def _canonical_channels(instances: pd.DataFrame, profiles: pd.DataFrame):
             if not col.startswith(pre):
                 continue
             rest = col[len(pre):]
-            for suffix in ("_peak_max", "_peak_min", "_mean_in", "_sum_in", "_sum_abs", "_share"):
-                if rest.endswith(suffix) or "_rim_" in rest:
-                    ch = rest.split("_rim_")[0] if "_rim_" in rest else rest[: -len(suffix)]
-                    new = names.get(canonical(ch))
-                    if new and new != ch:
-                        rename[col] = pre + new + rest[len(ch):]
-                    break
+            # map features ({ch}_fo_, _glcm_, _glszm_...) and rims ({ch}_rim_...): the channel
+            # is what precedes the first marker
+            marks = [rest.find(k) for k in ("_fo_", "_glcm_", "_glszm_", "_rim_") if k in rest]
+            ch = rest[:min(marks)] if marks else next(
+                (rest[: -len(sfx)] for sfx in ("_peak_max", "_peak_min", "_mean_in", "_sum_in",
+                                               "_sum_abs", "_share") if rest.endswith(sfx)),
+                None)
+            if ch:
+                new = names.get(canonical(ch))
+                if new and new != ch:
+                    rename[col] = pre + new + rest[len(ch):]
+                break
     if rename:
         instances = instances.rename(columns=rename)
     if len(profiles) and "channel" in profiles:
@@ -633,285 +640,19 @@ def sign_pattern(instances: pd.DataFrame, method: str = "smoothgrad", channel: s
 
 
 # --------------------------------------------------------------------------------------------
-# 4. error flagging
+# 4. error flagging: moved to instance_saliency.flagging (and .features); the old names still
+# resolve here for scripts written against earlier releases
+
+_MOVED = {"lesion_features": "features", "detection_counts": "flagging",
+          "choose_threshold": "flagging", "flag_errors": "flagging"}
 
 
-def lesion_features(instances: pd.DataFrame, include_log_volume: bool = False,
-                    rim_mm: Sequence[int] = (1, 2, 3)) -> pd.DataFrame:
-    """Per-lesion features of the false-positive classifier.
+def __getattr__(name):  # PEP 562: lazy, so that flagging can import this module
+    if name in _MOVED:
+        import importlib
 
-    For every method/channel prefix ``p`` found in the table (a ``{p}_peak_max`` column):
-    ``{p}_peak_max``, ``{p}_peak_min``, ``{p}_mean_in`` and ``{p}_rim_1_3mm`` (unweighted mean
-    of the outside shell means of ``rim_mm``, NaN shells skipped); plus every
-    ``{method}_{ch}_share`` of a method with at least two channels (a one-channel share is
-    constant; :func:`instance_saliency.quantify.quantify_instance` no longer writes one, but
-    tables of older runs may hold it); plus ``log_volume_mm3`` = ln(volume in mm³) when ``include_log_volume``.
-    NaNs are kept (the classifier imputes them inside each training fold).
-
-    Returns
-    -------
-    pandas.DataFrame
-        One row per input row, same index.
-    """
-    feats = {}
-    prefixes = [m.group(1) for c in instances.columns
-                if (m := _PEAK_RE.match(str(c))) and m.group(2) == "max"]
-    by_method: dict = {}
-    for p in prefixes:
-        feats[f"{p}_peak_max"] = _num(instances, f"{p}_peak_max")
-        if f"{p}_peak_min" in instances:
-            feats[f"{p}_peak_min"] = _num(instances, f"{p}_peak_min")
-        if f"{p}_mean_in" in instances:
-            feats[f"{p}_mean_in"] = _num(instances, f"{p}_mean_in")
-        rc = [f"{p}_rim_out_{k:g}mm" for k in rim_mm if f"{p}_rim_out_{k:g}mm" in instances]
-        if rc:
-            v = np.column_stack([_num(instances, c) for c in rc])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows -> NaN
-                feats[f"{p}_rim_1_3mm" if tuple(rim_mm) == (1, 2, 3)
-                      else f"{p}_rim_mean"] = np.nanmean(v, axis=1) if len(v) else v[:, 0]
-        method = p.split("_")[0]
-        by_method.setdefault(method, []).append(p)
-    for method, ps in by_method.items():
-        if len(ps) >= 2:
-            for c in instances.columns:
-                if str(c).startswith(method + "_") and str(c).endswith("_share"):
-                    feats[str(c)] = _num(instances, str(c))
-    if include_log_volume and "volume_mm3" in instances:
-        vol = _num(instances, "volume_mm3")
-        with np.errstate(divide="ignore", invalid="ignore"):
-            feats["log_volume_mm3"] = np.where(vol > 0, np.log(vol), np.nan)
-    return pd.DataFrame(feats, index=instances.index)
-
-
-def detection_counts(tp: int, fp: int, fn: int) -> dict:
-    """Lesion F1, TPR and FDR from lesion counts (Shifts definition [11]_).
-
-    ``F1 = TP / (TP + (FP + FN) / 2)`` (1.0 when all counts are 0), ``TPR = TP / (TP + FN)``,
-    ``FDR = FP / (TP + FP)`` (NaN when the denominator is 0). TP and FP count predicted lesions
-    and FN counts missed ground-truth lesions.
-    """
-    denom = tp + 0.5 * (fp + fn)
-    return {"tp": int(tp), "fp": int(fp), "fn": int(fn),
-            "f1": 1.0 if denom == 0 else tp / denom,
-            "tpr": tp / (tp + fn) if tp + fn else float("nan"),
-            "fdr": fp / (tp + fp) if tp + fp else float("nan")}
-
-
-def choose_threshold(prob_fp: np.ndarray, is_fp: np.ndarray, n_fn: int = 0,
-                     rule: str = "f1") -> float:
-    """Flagging threshold on predicted FP probabilities (lesions with ``prob >= t`` removed).
-
-    Called by :func:`flag_errors` with the **training fold only**.
-
-    * ``rule="f1"``: the threshold that maximises the pooled lesion F1 of these lesions after
-      removing the flagged ones. Removing a TP lesion turns its ground-truth lesion into a
-      missed one (approximation: one ground-truth lesion per TP lesion), so after removal
-      ``TP' = TP - r_TP``, ``FP' = FP - r_FP``, ``FN' = FN + r_TP``. Candidates: every
-      distinct probability and ``+inf`` (remove nothing); ties go to the highest threshold
-      (fewest removals).
-    * ``rule="youden"``: maximises Youden's J = TPR − FPR of FP detection [10]_ over the
-      thresholds of :func:`sklearn.metrics.roc_curve`.
-
-    Parameters
-    ----------
-    prob_fp : ndarray, shape (n,)
-        Predicted probability that each lesion is a false positive.
-    is_fp : ndarray of bool, shape (n,)
-        True for FP lesions, False for TP lesions.
-    n_fn : int
-        Missed ground-truth lesions (FN) of the same subjects.
-    rule : {"f1", "youden"}
-
-    Returns
-    -------
-    float
-        The threshold (``inf`` = flag nothing).
-    """
-    p = np.asarray(prob_fp, dtype=np.float64)
-    y = np.asarray(is_fp, dtype=bool)
-    if rule == "youden":
-        from sklearn.metrics import roc_curve
-
-        if y.all() or not y.any():
-            return float("inf")
-        fpr, tpr, thr = roc_curve(y, p)
-        j = tpr - fpr
-        return float(thr[int(np.flatnonzero(np.isclose(j, j.max()))[0])])
-    if rule != "f1":
-        raise InputError(f"threshold rule must be 'f1' or 'youden', got {rule!r}")
-    tp0, fp0 = int((~y).sum()), int(y.sum())
-    order = np.argsort(-p, kind="stable")
-    ps, ys = p[order], y[order]
-    cum_fp, cum_tp = np.cumsum(ys), np.cumsum(~ys)
-    # last index of each distinct value in the descending order: remove all with p >= value
-    last = np.flatnonzero(np.r_[ps[1:] != ps[:-1], True]) if ps.size else np.zeros(0, int)
-    cands = np.r_[np.inf, ps[last]]
-    r_fp = np.r_[0, cum_fp[last]]
-    r_tp = np.r_[0, cum_tp[last]]
-    tp1, fp1, fn1 = tp0 - r_tp, fp0 - r_fp, n_fn + r_tp
-    denom = tp1 + 0.5 * (fp1 + fn1)
-    f1 = np.where(denom > 0, tp1 / np.where(denom > 0, denom, 1), 1.0)
-    best = int(np.flatnonzero(np.isclose(f1, f1.max(), rtol=0, atol=1e-12))[0])
-    return float(cands[best])
-
-
-def _splitter(n_groups: int, n_splits: int):
-    from sklearn.model_selection import GroupKFold, LeaveOneGroupOut
-
-    if n_groups <= n_splits:
-        return LeaveOneGroupOut(), "LeaveOneGroupOut"
-    return GroupKFold(n_splits=n_splits), f"GroupKFold({n_splits})"
-
-
-def _classifier(seed: int):
-    from sklearn.impute import SimpleImputer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    return make_pipeline(SimpleImputer(strategy="median"), StandardScaler(),
-                         LogisticRegression(class_weight="balanced", max_iter=2000,
-                                            random_state=seed))
-
-
-def flag_errors(instances: pd.DataFrame, features: Sequence[str] | None = None,
-                include_log_volume: bool = False, n_splits: int = 5,
-                threshold_rule: str = "f1", n_boot: int = 1000, seed: int = 0,
-                level: float = 0.95) -> dict:
-    """Predict which predicted lesions are false positives from their saliency.
-
-    Model: logistic regression on standardised per-lesion features (:func:`lesion_features`,
-    or ``features`` columns of ``instances``), class weights balanced, median imputation of
-    NaN (imputer, scaler and model are fitted inside each training fold). Target: FP (1) vs
-    TP (0) among predicted lesions; FN rows have no prediction and only enter the detection
-    counts.
-
-    Validation: subject-grouped cross-validation, so that no subject is ever in the training
-    and the test part of one fold: :class:`~sklearn.model_selection.LeaveOneGroupOut` when
-    there are at most ``n_splits`` subjects with predicted lesions, otherwise
-    :class:`~sklearn.model_selection.GroupKFold`. In each fold the flagging threshold is chosen
-    by :func:`choose_threshold` on the **training fold's** own predicted probabilities
-    (in-sample, with the training subjects' FN count) and then applied to the test fold.
-    A fold whose training part holds one class only is skipped (its subjects are left out of
-    every result and listed).
-
-    Reported: the out-of-fold AUC (positive class FP) with a ``level`` CI resampling subjects,
-    and the pooled lesion counts, F1, TPR and FDR of the segmentation before and after
-    removing the lesions flagged as FP (:func:`detection_counts`). After removal a removed TP
-    lesion's ground-truth lesion counts as missed (FN + 1): an approximation that assumes one
-    ground-truth lesion per TP lesion (a TP that merged several, or several TPs that split
-    one, make it inexact).
-
-    Parameters
-    ----------
-    instances : pandas.DataFrame
-        Pooled lesion table (``subject``, ``status``, ``label`` and feature columns).
-    features : sequence of str, optional
-        Feature columns; default :func:`lesion_features`.
-    include_log_volume : bool
-        Add ln(lesion volume) to the default features.
-    n_splits : int
-        Folds of GroupKFold (at least 2).
-    threshold_rule : {"f1", "youden"}
-        See :func:`choose_threshold`.
-    n_boot, seed, level :
-        Bootstrap of the AUC CI (:func:`subject_bootstrap`); ``seed`` also seeds the model.
-
-    Returns
-    -------
-    dict
-        ``status``: ``"ok"`` or ``"not enough data"`` (then ``reason``, and nothing else is
-        computed) — at least 2 subjects must each have both TP and FP lesions. With ``"ok"``:
-        ``features``, ``cv`` (splitter name), ``folds`` (list of dicts ``train_subjects,
-        test_subjects, threshold, n_train, n_test, skipped``), ``threshold_rule``, ``auc``
-        (``auc, ci_low, ci_high, n_valid, n``), ``before`` and ``after`` (dicts of
-        :func:`detection_counts`), ``removed`` (``tp``, ``fp``), ``subjects`` (evaluated),
-        ``skipped_subjects``, ``coefficients`` (feature -> standardised coefficient of a model
-        fitted on all lesions, for reading only), and ``predictions`` (DataFrame with
-        ``subject, label, status, prob_fp, flagged``; NaN for skipped folds).
-    """
-    if n_splits < 2:
-        raise InputError(f"n_splits must be at least 2, got {n_splits}")
-    if "subject" not in instances or "status" not in instances:
-        return {"status": "not enough data", "reason": "no subject/status columns"}
-    status = _status(instances)
-    subj_all = instances["subject"].astype(str).to_numpy()
-    pred_rows = np.isin(status, ("TP", "FP"))
-    df = instances[pred_rows]
-    subj = subj_all[pred_rows]
-    y = status[pred_rows] == "FP"
-    both = sorted(s for s in np.unique(subj) if y[subj == s].any() and (~y[subj == s]).any())
-    if len(both) < 2:
-        return {"status": "not enough data",
-                "reason": f"{len(both)} subject(s) with both TP and FP lesions (need >= 2)",
-                "n_tp": int((~y).sum()), "n_fp": int(y.sum())}
-    if features is None:
-        X = lesion_features(df, include_log_volume)
-    else:
-        missing = [f for f in features if f not in df]
-        if missing:
-            raise InputError(f"feature column(s) {missing} not in the lesion table")
-        X = df[list(features)].apply(pd.to_numeric, errors="coerce")
-    X = X.loc[:, X.notna().any()]
-    if X.shape[1] == 0:
-        return {"status": "not enough data", "reason": "no usable feature column"}
-    Xv = X.to_numpy(dtype=np.float64)
-    fn_by_subject = pd.Series(status == "FN").groupby(subj_all).sum()
-    groups_u = np.unique(subj)
-    splitter, cv_name = _splitter(groups_u.size, n_splits)
-    oof = np.full(len(df), np.nan)
-    flagged = np.zeros(len(df), dtype=bool)
-    folds, skipped = [], []
-    for tr, te in splitter.split(Xv, y, groups=subj):
-        tr_s, te_s = sorted(set(subj[tr])), sorted(set(subj[te]))
-        fold = {"train_subjects": tr_s, "test_subjects": te_s, "n_train": int(tr.size),
-                "n_test": int(te.size), "threshold": float("nan"), "skipped": False}
-        if y[tr].all() or not y[tr].any():
-            fold["skipped"] = True
-            skipped += te_s
-            folds.append(fold)
-            continue
-        model = _classifier(seed).fit(Xv[tr], y[tr])
-        p_tr = model.predict_proba(Xv[tr])[:, 1]
-        n_fn_tr = int(sum(fn_by_subject.get(s, 0) for s in tr_s))
-        thr = choose_threshold(p_tr, y[tr], n_fn_tr, threshold_rule)
-        p_te = model.predict_proba(Xv[te])[:, 1]
-        oof[te] = p_te
-        flagged[te] = p_te >= thr
-        fold["threshold"] = thr
-        folds.append(fold)
-    covered = np.isfinite(oof)
-    from sklearn.metrics import roc_auc_score
-
-    yc, pc = y[covered], oof[covered]
-    auc = {"auc": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
-           "n_valid": 0, "n": int(covered.sum())}
-    if yc.any() and (~yc).any():
-        auc["auc"] = float(roc_auc_score(yc, pc))
-        bs = subject_bootstrap(subj[covered], lambda i: _auc(yc[i], pc[i]), n_boot, seed, level)
-        auc.update(ci_low=bs["ci_low"], ci_high=bs["ci_high"], n_valid=bs["n_valid"])
-    evaluated = sorted(set(subj_all) - set(skipped))
-    ev_all = np.isin(subj_all, evaluated)
-    tp0 = int((ev_all & (status == "TP")).sum())
-    fp0 = int((ev_all & (status == "FP")).sum())
-    fn0 = int((ev_all & (status == "FN")).sum())
-    r_tp = int((flagged & ~y).sum())
-    r_fp = int((flagged & y).sum())
-    full = _classifier(seed).fit(Xv, y)
-    coefs = dict(zip(X.columns, (float(c) for c in full[-1].coef_[0])))
-    preds = pd.DataFrame({"subject": subj, "label": df["label"].to_numpy() if "label" in df
-                          else np.arange(len(df)), "status": status[pred_rows],
-                          "prob_fp": oof, "flagged": flagged})
-    return {
-        "status": "ok", "features": list(X.columns), "cv": cv_name, "folds": folds,
-        "threshold_rule": threshold_rule, "auc": auc,
-        "before": detection_counts(tp0, fp0, fn0),
-        "after": detection_counts(tp0 - r_tp, fp0 - r_fp, fn0 + r_tp),
-        "removed": {"tp": r_tp, "fp": r_fp}, "subjects": evaluated,
-        "skipped_subjects": sorted(skipped), "coefficients": coefs, "predictions": preds,
-        "level": level,
-    }
+        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -954,6 +695,11 @@ def _markdown(res: dict) -> str:
            f"({', '.join(f'{k} {v}' for k, v in res['counts'].items())}). "
            f"Bootstrap: {res['n_boot']} resamples of subjects, seed {res['seed']}; "
            f"CIs are 95 %.\n"]
+    fe = res["flag_errors"]
+    if fe["status"] == "ok":
+        out.append("\n**Does saliency flag false positives beyond the lesion's size and the "
+                   "model's probability?**\n\n" + "".join(
+                       f"- {e['sentence']}\n" for e in fe["methods"].values()))
     out.append("\n## Peak saliency by lesion status\n\n"
                "Kruskal–Wallis across TP/FP/FN; pairwise two-sided Mann–Whitney U with Holm "
                "adjustment per feature; rank-biserial r = 1 − 2U/(n_a n_b) = P(b > a) − "
@@ -1004,24 +750,9 @@ def _markdown(res: dict) -> str:
         out.append(f"not available: {sp.get('reason')}\n")
     out.append("\nDistance profiles (mean ± t-interval over lesions) are in "
                "`figures/profile_by_status.png` and `stats.json`.\n")
-    fe = res["flag_errors"]
-    out.append("\n## Flagging false positives from saliency\n\n")
-    if fe["status"] != "ok":
-        out.append(f"not enough data: {fe.get('reason')}\n")
-    else:
-        out.append(f"Logistic regression (standardised features, balanced classes) on "
-                   f"{len(fe['features'])} features, {fe['cv']} over subjects; threshold rule "
-                   f"`{fe['threshold_rule']}` chosen inside each training fold. Out-of-fold AUC "
-                   f"{_ci(fe['auc'], 'auc')} (n = {fe['auc']['n']} lesions). Removing flagged "
-                   f"lesions removed {fe['removed']['fp']} FP and {fe['removed']['tp']} TP "
-                   f"(a removed TP counts as a missed lesion).\n\n")
-        rows = [[k, fe[k]["tp"], fe[k]["fp"], fe[k]["fn"], _f(fe[k]["f1"]), _f(fe[k]["tpr"]),
-                 _f(fe[k]["fdr"])] for k in ("before", "after")]
-        out.append(_md_table(["segmentation", "TP", "FP", "FN", "lesion F1", "TPR", "FDR"],
-                             rows))
-        if fe["skipped_subjects"]:
-            out.append(f"\nSkipped (training fold with one class): "
-                       f"{', '.join(fe['skipped_subjects'])}\n")
+    from .flagging import markdown as flagging_markdown
+
+    out.append(flagging_markdown(res["flag_errors"]))
     if res.get("failures"):
         out.append(f"\n## Failed subjects\n\n" + "".join(
             f"- {k}: {v.get('message', v)}\n" for k, v in res["failures"].items()))
@@ -1030,14 +761,22 @@ def _markdown(res: dict) -> str:
 
 def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float = 0.25,
             method: str = "smoothgrad", include_log_volume: bool = False,
-            threshold_rule: str = "f1", figures: bool = True, log=print) -> dict:
+            threshold_rule: str = "f1", figures: bool = True, log=print, n_perm: int = 2000,
+            fit_flagger: str | os.PathLike | None = None, flagger_set: str = "saliency",
+            n_splits: int = 5, flagger_method: str | None = None) -> dict:
     """Run every cohort statistic on a cohort folder and write the results.
 
     Writes (all atomically) ``out/cohort_instances.csv`` (pooled lesion table with the
     out-of-fold FP probability when available), ``out/cohort_profiles.csv``,
     ``out/stats.json`` (all numbers; NaN as null), ``out/stats.md`` (readable tables), and
     with ``figures``: ``out/figures/peak_by_status.png``, ``profile_by_status.png``,
-    ``flair_share.png``, ``roc_error_flagging.png`` and ``out/cohort_report.html``.
+    ``flair_share.png``, ``roc_error_flagging.png`` and ``out/cohort_report.html``; with
+    ``fit_flagger``, the flagger JSON (:func:`instance_saliency.flagging.fit_flagger`).
+
+    False-positive flagging (``stats.json`` key ``flag_errors``) is
+    :func:`instance_saliency.flagging.compare_feature_sets`: baseline (size, probability)
+    versus baseline + saliency of each method, subject-grouped nested CV, ΔAUC with CI and
+    permutation p, and one plain sentence per method.
 
     Parameters
     ----------
@@ -1050,13 +789,27 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     p0 : float
         Null proportion of :func:`sign_pattern`.
     method : str
-        Saliency method of the FLAIR/MPRAGE and rim analyses.
+        Saliency method of the FLAIR/MPRAGE and rim analyses, the primary method of the
+        flagging columns of ``cohort_instances.csv`` and of ``fit_flagger``.
     include_log_volume : bool
-        Add ln(volume) to the FP classifier's features.
+        Ignored (kept for old scripts): ln(volume) is always in the baseline features.
     threshold_rule : {"f1", "youden"}
-        See :func:`choose_threshold`.
+        See :func:`instance_saliency.flagging.choose_threshold`.
     figures : bool
         Write the PNG figures and the HTML report.
+    log : callable
+        Receives the one-line summary.
+    n_perm : int
+        Permutations of the ΔAUC test.
+    fit_flagger : path, optional
+        Also fit the flagger on all subjects and write it there as JSON.
+    flagger_set : {"saliency", "baseline"}
+        Feature set of that flagger (``saliency``: baseline + ``flagger_method``'s saliency).
+    flagger_method : str, optional
+        Saliency method of that flagger (default ``method``; any method with per-lesion
+        columns, e.g. ``gradcampp``).
+    n_splits : int
+        Outer (and inner) subject-grouped folds of the flagging CV.
 
     Returns
     -------
@@ -1067,21 +820,33 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     Raises
     ------
     InputError
-        No subject with ``instances.csv`` under ``out/subjects``.
+        No subject with ``instances.csv`` under ``out/subjects``; bad ``flagger_set``; too
+        few subjects to fit the flagger.
     OutputError
         ``out`` (or ``out/figures``) cannot be written; checked before any file is replaced.
     """
+    from .features import methods_in
+    from .flagging import compare_feature_sets
     from .io import atomic_write_text
 
     out = Path(out)
     if n_boot < 0:
         raise InputError(f"--n-boot must be >= 0, got {n_boot}")
+    if n_perm < 0:
+        raise InputError(f"--n-perm must be >= 0, got {n_perm}")
+    if flagger_set not in ("saliency", "baseline"):
+        raise InputError(f"--flagger-set must be 'saliency' or 'baseline', got {flagger_set!r}")
     instances, profiles = pool_instances(out)
     available = sorted({c.split("_")[0] for c in instances.columns
                         if c.endswith(("_flair_mean_in", "_mprage_mean_in"))})
     if len(instances) and method not in available:
         raise InputError(f"--method {method!r} has no FLAIR/MPRAGE columns in this cohort; "
                          f"available: {', '.join(available) or 'none'}")
+    flagger_method = flagger_method or method
+    if fit_flagger is not None and flagger_set == "saliency" \
+            and flagger_method not in methods_in(instances.columns):
+        raise InputError(f"--fit-flagger: no {flagger_method} saliency columns in this cohort; "
+                         f"available: {', '.join(methods_in(instances.columns)) or 'none'}")
     for d in (out, out / "figures") if figures else (out,):  # before any file is replaced
         try:
             d.mkdir(exist_ok=True)
@@ -1099,8 +864,10 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
         "peak_by_status": peak_by_status(instances, n_boot=n_boot, seed=seed),
         "flair_vs_mprage": flair_vs_mprage(instances, method, n_boot, seed),
         "sign_pattern": sign_pattern(instances, method, "flair", p0=p0),
-        "flag_errors": flag_errors(instances, include_log_volume=include_log_volume,
-                                   threshold_rule=threshold_rule, n_boot=n_boot, seed=seed),
+        "flag_errors": compare_feature_sets(instances, n_splits=n_splits,
+                                            inner_splits=n_splits,
+                                            threshold_rule=threshold_rule, n_boot=n_boot,
+                                            n_perm=n_perm, seed=seed, primary=method),
     }
     channels = [c for c in ("flair", "mprage")
                 if len(profiles) and ((profiles["method"] == method)
@@ -1116,7 +883,7 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     table = instances.copy()
     fe = res["flag_errors"]
     if fe["status"] == "ok":
-        p = fe["predictions"][["subject", "label", "prob_fp", "flagged"]]
+        p = fe["predictions"].drop(columns="status")
         table = table.merge(p, on=["subject", "label"], how="left")
     atomic_write_text(out / "cohort_instances.csv", table.to_csv(index=False))
     atomic_write_text(out / "cohort_profiles.csv", profiles.to_csv(index=False))
@@ -1125,10 +892,18 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     atomic_write_text(out / "stats.md", md)
     if figures:
         _cohort_report(out, instances, prof, res)
-    fa = fe.get("auc", {}).get("auc") if fe["status"] == "ok" else None
+    if fit_flagger is not None:
+        _fit_and_save_flagger(out, instances, res, fit_flagger, flagger_set, flagger_method,
+                              threshold_rule, seed, n_splits, log)
+    tail = ""
+    if fe["status"] == "ok":
+        tail = (f"; out-of-fold FP-flagging AUC {_f(fe['baseline']['auc']['auc'])} with size and "
+                "probability" + "".join(
+                    f", {_f(e['saliency']['auc']['auc'])} with {m} (ΔAUC "
+                    f"{_f(e['delta_auc']['estimate'])} [{_f(e['delta_auc']['ci_low'])}, "
+                    f"{_f(e['delta_auc']['ci_high'])}])" for m, e in fe["methods"].items()))
     log(f"cohort statistics of {len(subjects)} subject(s), {len(instances)} lesion(s) "
-        f"written to {out / 'stats.md'}"
-        + (f"; out-of-fold FP-flagging AUC {_f(fa)}" if fa is not None else ""))
+        f"written to {out / 'stats.md'}{tail}")
     return res
 
 
@@ -1149,13 +924,22 @@ def _cohort_report(out: Path, instances: pd.DataFrame, prof: dict, res: dict) ->
             if c in instances]
     table = instances[keep].copy()
     if fe["status"] == "ok":
-        table = table.merge(fe["predictions"][["subject", "label", "prob_fp", "flagged"]],
+        table = table.merge(fe["predictions"][["subject", "label", "prob_fp_baseline",
+                                               "prob_fp", "flagged"]],
                             on=["subject", "label"], how="left")
     summary = {"subjects": res["n_subjects"], "lesions": res["n_lesions"],
                "counts": res["counts"]}
     if fe["status"] == "ok":
-        summary["FP-flagging AUC (out of fold)"] = fe["auc"]["auc"]
-        summary["lesion F1 before / after flagging"] = [fe["before"]["f1"], fe["after"]["f1"]]
+        from .flagging import METHOD_LABELS
+
+        b = fe["baseline"]
+        summary["FP-flagging AUC, size + probability (out of fold)"] = b["auc"]["auc"]
+        for m, e in fe["methods"].items():
+            lab = METHOD_LABELS.get(m, m)
+            summary[f"does {lab} saliency add anything?"] = e["sentence"]
+            r = e["saliency"]
+            summary[f"lesion F1 before / after flagging (+ {lab})"] = [r["before"]["f1"],
+                                                                       r["after"]["f1"]]
     else:
         summary["FP flagging"] = f"not enough data ({fe.get('reason')})"
     sh = res["flair_vs_mprage"].get("share")
@@ -1170,3 +954,43 @@ def _cohort_report(out: Path, instances: pd.DataFrame, prof: dict, res: dict) ->
              and not line.startswith("#")]
     write_report(out / "cohort_report.html", "instance-saliency cohort report", summary, table,
                  figs, notes=notes)
+
+
+def _fit_and_save_flagger(out: Path, instances: pd.DataFrame, res: dict, path, feature_set: str,
+                          method: str, threshold_rule: str, seed: int, n_splits: int,
+                          log) -> None:
+    """Fit the flagger on all subjects (:func:`instance_saliency.flagging.fit_flagger`),
+    record what it was fitted on and its nested-CV estimate, and write it atomically."""
+    from .flagging import fit_flagger, save_flagger
+
+    fe = res["flag_errors"]
+    cv = None
+    if fe["status"] == "ok":
+        r = fe["baseline"] if feature_set == "baseline" else fe["methods"].get(method, {}).get(
+            "saliency")
+        if r is not None:
+            cv = {"auc": r["auc"], "before": r["before"], "after": r["after"], "cv": r["cv"]}
+            if feature_set == "saliency":
+                cv["delta_auc_vs_baseline"] = fe["methods"][method]["delta_auc"]
+                cv["sentence"] = fe["methods"][method]["sentence"]
+    prov = {"cohort": out.name}
+    for s in res["subjects"]:
+        try:
+            run = json.loads((out / "subjects" / s / "run.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if run:
+            prov["model"] = run.get("model", {}).get("folder")
+            keep = ("methods", "n_samples", "noise_level", "mode", "threshold", "min_size",
+                    "min_size_unit", "connectivity", "matching", "iou_threshold", "cam_layer")
+            prov["explain_parameters"] = {k: run.get("parameters", {}).get(k) for k in keep}
+            prov["versions"] = run.get("versions")
+            break
+    fl = fit_flagger(instances, feature_set, method, n_splits=n_splits,
+                     threshold_rule=threshold_rule, seed=seed, provenance=prov,
+                     cross_validated=cv)
+    save_flagger(fl, path)
+    log(f"flagger ({feature_set}{'' if feature_set == 'baseline' else ' + ' + method}, "
+        f"{len(fl['features'])} features, "
+        + ("keeps all lesions" if fl["threshold"] is None else f"threshold {_f(fl['threshold'])}")
+        + f") written to {path}")

@@ -23,6 +23,7 @@ __all__ = [
     "profile_by_status_figure",
     "flair_share_figure",
     "error_flagging_roc_figure",
+    "flagging_roc_figure",
     "cohort_figures",
 ]
 
@@ -182,7 +183,7 @@ def error_flagging_roc_figure(instances, flag_errors: dict, peak_by_status: dict
     instances : pandas.DataFrame
         Pooled lesion table (``status`` and the peak columns).
     flag_errors : dict
-        Result of :func:`instance_saliency.stats.flag_errors` (``status``, ``predictions``
+        Result of :func:`instance_saliency.flagging.flag_errors` (``status``, ``predictions``
         with ``status`` and ``prob_fp``, ``auc``).
     peak_by_status : dict
         Result of :func:`instance_saliency.stats.peak_by_status` (single-feature AUCs, drawn
@@ -225,6 +226,51 @@ def error_flagging_roc_figure(instances, flag_errors: dict, peak_by_status: dict
     return _save(fig, out_png)
 
 
+def flagging_roc_figure(flagging: dict, out_png) -> Path:
+    """Out-of-fold ROC of flagging FP lesions: baseline versus baseline + each method.
+
+    Parameters
+    ----------
+    flagging : dict
+        Result of :func:`instance_saliency.flagging.compare_feature_sets` (``status``,
+        ``baseline``, ``methods`` and ``predictions`` with ``status``, ``prob_fp_baseline``
+        and ``prob_fp_{method}``).
+    out_png : path
+
+    Returns
+    -------
+    pathlib.Path
+        The PNG written (a message figure when there was not enough data).
+    """
+    if flagging["status"] != "ok":
+        return _message_figure(out_png, "not enough data", "flagging FP lesions")
+    from sklearn.metrics import roc_curve
+
+    from ..flagging import METHOD_LABELS
+
+    pr = flagging["predictions"]
+    y = (pr["status"] == "FP").to_numpy()
+    fig = _new_figure((4.4, 4.0))
+    ax = fig.add_subplot(1, 1, 1)
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.12, top=0.9)
+    curves = [("size + probability", "prob_fp_baseline", flagging["baseline"]["auc"]["auc"],
+               "0.25")]
+    curves += [(f"+ {METHOD_LABELS.get(m, m)}", f"prob_fp_{m}", e["saliency"]["auc"]["auc"],
+                f"C{k + 3}") for k, (m, e) in enumerate(flagging["methods"].items())]
+    for name, col, auc, colour in curves:
+        p = pr[col].to_numpy(dtype=float)
+        ok = np.isfinite(p)
+        if y[ok].any() and (~y[ok]).any():
+            a, b, _ = roc_curve(y[ok], p[ok])
+            ax.plot(a, b, lw=1.6, color=colour, label=f"{name} (AUC {_fmt(auc)})")
+    ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=0.8)
+    ax.set_xlabel("false-positive rate (TP lesions flagged)", fontsize=8)
+    ax.set_ylabel("true-positive rate (FP lesions flagged)", fontsize=8)
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    ax.set_title("flagging FP lesions, out of fold (nested, by subject)", fontsize=9)
+    return _save(fig, out_png)
+
+
 def cohort_figures(figdir, instances, profiles: dict, res: dict) -> list:
     """Draw the four cohort figures into ``figdir``.
 
@@ -239,7 +285,8 @@ def cohort_figures(figdir, instances, profiles: dict, res: dict) -> list:
         Channel -> :func:`instance_saliency.stats.profile_by_status` result.
     res : dict
         The statistics of :func:`instance_saliency.stats.analyze` (``method``,
-        ``peak_by_status``, ``flair_vs_mprage``, ``flag_errors``).
+        ``peak_by_status``, ``flair_vs_mprage``, ``flag_errors`` as returned by
+        :func:`instance_saliency.flagging.compare_feature_sets`).
 
     Returns
     -------
@@ -258,8 +305,7 @@ def cohort_figures(figdir, instances, profiles: dict, res: dict) -> list:
         ("FLAIR share of the saliency magnitude per lesion",
          flair_share_figure(instances, res["method"], res["flair_vs_mprage"],
                             figdir / "flair_share.png"), "Cohort"),
-        ("ROC of flagging FP lesions: classifier out of fold over subjects; single features "
-         "for reference",
-         error_flagging_roc_figure(instances, res["flag_errors"], res["peak_by_status"],
-                                   figdir / "roc_error_flagging.png"), "Cohort"),
+        ("ROC of flagging FP lesions out of fold (subject-grouped nested CV): lesion size and "
+         "probability alone versus with each method's saliency features",
+         flagging_roc_figure(res["flag_errors"], figdir / "roc_error_flagging.png"), "Cohort"),
     ]
