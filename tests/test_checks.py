@@ -10,6 +10,7 @@ from torch import nn
 
 from instance_saliency.checks import (
     CheckConfig,
+    aopc,
     LocalPredictor,
     check_lesions,
     compute_maps,
@@ -147,6 +148,9 @@ def test_linear_model_deletion_curve_has_its_closed_form():
         expect = t0 - float(np.sum(G[ix] * (x[ix] - b[ix])))
         assert tk[k] == pytest.approx(expect, rel=1e-4, abs=1e-3)
     assert tk[0] == pytest.approx(t0, rel=1e-5)
+    nv = int(lesion.sum())
+    assert aopc(tk, nv, "sum") == pytest.approx(np.mean(tk[0] - tk[1:]) / nv)
+    assert aopc(tk / nv, nv, "mean") == pytest.approx(aopc(tk, nv, "sum"))
     # removing the most positive gradient x (x - b) first lowers the target faster than the
     # least: the ordered curve sits below the reversed one
     t_rev, _ = perturbation_curve(pred, x, lesion, order[::-1], steps, b)
@@ -283,3 +287,46 @@ def test_bad_check_config_is_refused():
         CheckConfig(baselines=("zero",)).validate()
     with pytest.raises(InputError, match="--steps must be at least 1"):
         CheckConfig(steps=0).validate()
+
+
+def test_pool_checks_over_a_cohort(tmp_path):
+    """Medians with subject-bootstrap CIs, the pass rules, and the paired method comparison."""
+    import pandas as pd
+
+    from instance_saliency.checks import checks_markdown, pool_checks
+
+    assert pool_checks(tmp_path) is None
+    rng = np.random.default_rng(0)
+    for s in range(5):
+        rows = []
+        for lab in range(1, 7):
+            rows.append({"label": lab, "status": "TP", "voxels": 10, "method": "smoothgrad",
+                         "check": "randomisation", "spearman_abs_full": 0.05 * rng.random(),
+                         "ssim_full": 0.1})
+            rows.append({"label": lab, "status": "TP", "voxels": 10, "method": "gradcampp",
+                         "check": "randomisation", "spearman_abs_full": 0.9, "ssim_full": 0.8})
+            for m, a in (("smoothgrad", 2.0), ("gradcampp", 0.5)):
+                rows.append({"label": lab, "status": "TP", "voxels": 10, "method": m,
+                             "check": "deletion", "aopc_background": a + 0.01 * lab,
+                             "aopc_background_minus_random": a - 1.0, "insertion": 0.5})
+            rows.append({"label": lab, "status": "TP", "voxels": 10, "method": "model",
+                         "check": "context", "recovery_mm": 7.0})
+        d = tmp_path / "subjects" / f"s{s}"
+        d.mkdir(parents=True)
+        pd.DataFrame(rows).to_csv(d / "checks.csv", index=False)
+    pooled = pool_checks(tmp_path, n_boot=200)
+    sg, cam = pooled["methods"]["smoothgrad"], pooled["methods"]["gradcampp"]
+    assert pooled["n_subjects"] == 5
+    assert sg["randomisation_passes"] and not cam["randomisation_passes"]
+    assert sg["deletion_passes"] and not cam["deletion_passes"]
+    assert sg["deletion_aopc_minus_random"]["median"] == pytest.approx(1.0)
+    assert cam["randomisation_spearman_abs"]["ci_low"] == pytest.approx(0.9)
+    assert pooled["methods"]["model"]["context_recovery_mm"]["median"] == 7.0
+    (pair,) = pooled["pairwise"]
+    assert {pair["a"], pair["b"]} == {"smoothgrad", "gradcampp"}
+    assert abs(pair["median_aopc_difference"]) == pytest.approx(1.5)
+    assert pair["n_lesions"] == 30 and pair["wilcoxon_p"] < 1e-3
+    md = checks_markdown(pooled)
+    assert "SmoothGrad passes the randomisation check" in md
+    assert "Grad-CAM++ does not pass the deletion check" in md
+    assert "recovers 7 [7, 7] (n = 30) mm" in md

@@ -21,9 +21,11 @@ neighbourhood (the lesion dilated by ``margin_mm``) input elements are replaced 
 saliency order in ``steps`` equal steps by a baseline, and the lesion's target (its summed
 lesion logit, as in the maps) is recomputed. SmoothGrad ranks (channel, voxel) elements; the
 CAMs rank voxels (all channels of a voxel together). The area over the perturbation curve is
-``AOPC = mean_k (T_0 - T_k) / |T_0|`` (k = 1..steps); random orders (``random_orders`` seeds)
-give the reference; insertion starts from the all-baseline neighbourhood and restores elements
-in the same order (``insertion = mean_k (T_k - T_base) / |T_0 - T_base|``). Baselines:
+the mean drop of the target over the steps k = 1..steps; random orders (``random_orders`` seeds)
+give the reference (reported in logit units: the mean drop of the lesion's *mean* logit,
+``AOPC = mean_k (m_0 - m_k)`` with ``m = T / n_voxels``, so that lesions of any size and either
+target reduction compare). Insertion starts from the all-baseline neighbourhood and restores
+elements in the same order (``insertion = mean_k (T_k - T_base) / |T_0 - T_base|``). Baselines:
 ``"background"`` — each channel's value outside the brain after normalisation (the mode of the
 volume's border voxels; 0 for the z-score); ``"blur"`` — a Gaussian-blurred copy of the input
 (σ = ``blur_sigma_mm``); ``"road"`` — noisy linear imputation (Rong et al. 2022, "A consistent
@@ -37,7 +39,8 @@ inside the lesion).
 **Context** (the seed paper's dilation experiment, Spagnolo et al. 2024, arXiv:2406.09335,
 Sect. 3.4). For each TP lesion: keep the lesion and a shell of ``d`` mm around it, replace every
 other voxel by the background value, re-predict, and record the Dice of the re-predicted mask
-with the original instance (inside the kept region) and the summed logit, for each ``d`` in
+with the original instance (the re-predicted components that overlap it) and the summed logit,
+for each ``d`` in
 ``context_mm``; the *recovery distance* is the smallest ``d`` from which the lesion is detected
 at every larger ``d`` tested.
 """
@@ -480,10 +483,11 @@ def perturbation_curve(pred: LocalPredictor, x: np.ndarray, lesion: np.ndarray,
     return t, pred.detected(lg)
 
 
-def aopc(targets: np.ndarray) -> float:
-    """Area over the perturbation curve, ``mean_k (T_0 - T_k) / |T_0|`` (Samek et al. 2017)."""
-    t0 = targets[0]
-    return float(np.mean(t0 - targets[1:]) / abs(t0)) if t0 != 0 else float("nan")
+def aopc(targets: np.ndarray, n_voxels: int = 1, reduction: str = "sum") -> float:
+    """Area over the perturbation curve (Samek et al. 2017, eq. 12) of the lesion's mean logit,
+    ``mean_k (m_0 - m_k)``, ``m = T / n_voxels`` for a summed target (``T`` for a mean one)."""
+    m = np.asarray(targets, np.float64) / (n_voxels if reduction == "sum" else 1)
+    return float(np.mean(m[0] - m[1:]))
 
 
 def insertion_score(targets: np.ndarray, t_full: float) -> float:
@@ -500,13 +504,15 @@ def context_curve(pred: LocalPredictor, x: np.ndarray, lesion: np.ndarray,
     Keep the lesion and a shell of ``d`` mm around it, set every other voxel to
     ``background`` (per channel), re-predict (exactly, from the windows touching the kept
     region), and measure the Dice of the re-predicted mask with the lesion inside the kept
-    region, the lesion's target and its detected fraction.
+    region (its connected components, 26-connectivity, that overlap the lesion: other lesions in
+    the shell do not count) with the lesion, the lesion's target and its detected fraction.
 
     Returns
     -------
     dict of arrays over ``distances``: ``dice``, ``target``, ``detected``; and ``recovery_mm``
     (float; NaN when the lesion is not detected at the largest distance).
     """
+    import cc3d
     from scipy import ndimage
 
     dist = ndimage.distance_transform_edt(~lesion, sampling=spacing)
@@ -521,8 +527,14 @@ def context_curve(pred: LocalPredictor, x: np.ndarray, lesion: np.ndarray,
             e = np.exp(lg - lg.max(0, keepdims=True))
             pos = e[pred.lesion_class] / e.sum(0) >= pred.threshold
         les_in_keep = lesion[keep]
-        inter = float((pos & les_in_keep).sum())
-        dice.append(2 * inter / max(float(pos.sum() + les_in_keep.sum()), 1.0))
+        # the re-predicted lesion: components of the new mask that overlap the instance
+        full = np.zeros(lesion.shape, bool)
+        full[keep] = pos
+        lab = cc3d.connected_components(full.astype(np.uint8), connectivity=26)
+        ids = np.unique(lab[lesion & full])
+        own = np.isin(lab, ids[ids > 0])
+        inter = float((own & lesion).sum())
+        dice.append(2 * inter / max(float(own.sum() + lesion.sum()), 1.0))
         tl = lg[pred.lesion_class][les_in_keep]
         tgt.append(float(tl.sum() if reduction == "sum" else tl.mean()))
         det.append(float(pos[les_in_keep].mean()))
@@ -708,8 +720,10 @@ def check_lesions(model, x: np.ndarray, lesions: Sequence[np.ndarray], labels: S
                 row = {**base[lab], "method": name, "check": "deletion",
                        "target_0": float(res[(b0, name)][0][0])}
                 for b in cfg.baselines:
-                    a = aopc(res[(b, name)][0])
-                    ar = [aopc(res[(b, f"random{r}")][0]) for r in range(cfg.random_orders)]
+                    nv = int(les.sum())
+                    a = aopc(res[(b, name)][0], nv, reduction)
+                    ar = [aopc(res[(b, f"random{r}")][0], nv, reduction)
+                          for r in range(cfg.random_orders)]
                     row[f"aopc_{b}"] = a
                     row[f"aopc_{b}_random"] = float(np.mean(ar)) if ar else float("nan")
                     row[f"aopc_{b}_minus_random"] = a - row[f"aopc_{b}_random"]
@@ -870,3 +884,171 @@ def summarise(df) -> dict:
             if v.notna().any():
                 d[f"median_{col}"] = float(v.median())
     return out
+
+
+# --------------------------------------------------------------------------- cohorts
+
+
+def check_cohort(cohort_dir: str | Path, cfg: CheckConfig | None = None, *,
+                 overwrite: bool = False, log=print, figures: bool = True) -> list[str]:
+    """Run :func:`run_checks` on every finished subject of a cohort folder
+    (``subjects/<subject>/run.json``); subjects that already hold ``checks.csv`` are skipped
+    (re-running resumes), unless ``overwrite``.
+
+    Returns
+    -------
+    list of str
+        The subjects checked by this call.
+
+    Raises
+    ------
+    InputError
+        No finished subject in the folder.
+    """
+    root = Path(cohort_dir) / "subjects"
+    subjects = sorted(p.parent.name for p in root.glob("*/run.json")) if root.is_dir() else []
+    if not subjects:
+        raise InputError(f"{cohort_dir} holds no finished subject (subjects/<name>/run.json)")
+    done = []
+    for s in subjects:
+        d = root / s
+        if (d / "checks.csv").is_file() and not overwrite:
+            continue
+        log(f"checks: subject {s}")
+        run_checks(d, cfg, overwrite=overwrite, log=log, figures=figures)
+        done.append(s)
+    return done
+
+
+def pool_checks(cohort_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> dict | None:
+    """Pool the subjects' ``checks.csv`` of a cohort: per method and check, medians with
+    subject-bootstrap 95 % CIs, and the methods compared pairwise on the same lesions.
+
+    Returns ``None`` when no subject has checks. Pass rules (stated in the report): the
+    randomisation check passes when the upper CI bound of the median Spearman ``|map|``
+    similarity at full randomisation is below 0.5; the deletion check passes when the lower CI
+    bound of the median AOPC minus random order (background baseline) is above 0.
+
+    Pairwise: per lesion, the difference of the two methods' deletion AOPC (background
+    baseline), its median with a subject-bootstrap CI, and a Wilcoxon signed-rank p-value.
+    """
+    import pandas as pd
+    from scipy.stats import wilcoxon
+
+    from .stats import subject_bootstrap
+
+    files = sorted(Path(cohort_dir).glob("subjects/*/checks.csv"))
+    if not files:
+        return None
+    parts = []
+    for f in files:
+        d = pd.read_csv(f)
+        d.insert(0, "subject", f.parent.name)
+        parts.append(d)
+    df = pd.concat(parts, ignore_index=True)
+    out: dict = {"n_subjects": len(files), "methods": {}, "pairwise": []}
+
+    def med(sub: pd.DataFrame, col: str) -> dict:
+        v = sub[col].to_numpy(float)
+        ok = np.isfinite(v)
+        r = subject_bootstrap(sub["subject"].to_numpy()[ok],
+                              lambda idx, w=v[ok]: float(np.median(w[idx])) if len(idx)
+                              else float("nan"), n_boot=n_boot, seed=seed)
+        return {"median": r["estimate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
+                "n_lesions": int(ok.sum())}
+
+    for method, g in df.groupby("method"):
+        m: dict = {}
+        ra = g[g["check"] == "randomisation"]
+        if len(ra) and ra["spearman_abs_full"].notna().any():
+            m["randomisation_spearman_abs"] = med(ra, "spearman_abs_full")
+            m["randomisation_ssim"] = med(ra, "ssim_full")
+            hi = m["randomisation_spearman_abs"]["ci_high"]
+            m["randomisation_passes"] = bool(np.isfinite(hi) and hi < 0.5)
+        de = g[g["check"] == "deletion"]
+        if len(de) and "aopc_background_minus_random" in de and \
+                de["aopc_background_minus_random"].notna().any():
+            m["deletion_aopc_minus_random"] = med(de, "aopc_background_minus_random")
+            if "aopc_road_minus_random" in de and de["aopc_road_minus_random"].notna().any():
+                m["deletion_road_aopc_minus_random"] = med(de, "aopc_road_minus_random")
+            if de["insertion"].notna().any():
+                m["insertion"] = med(de, "insertion")
+            lo = m["deletion_aopc_minus_random"]["ci_low"]
+            m["deletion_passes"] = bool(np.isfinite(lo) and lo > 0)
+        co = g[g["check"] == "context"]
+        if len(co) and co["recovery_mm"].notna().any():
+            m["context_recovery_mm"] = med(co, "recovery_mm")
+        out["methods"][method] = m
+    de = df[df["check"] == "deletion"]
+    if "aopc_background" in de:
+        wide = de.pivot_table(index=["subject", "label"], columns="method",
+                              values="aopc_background")
+        cols = list(wide.columns)
+        for i, a in enumerate(cols):
+            for b in cols[i + 1:]:
+                pair = wide[[a, b]].dropna()
+                if len(pair) < 2:
+                    continue
+                diff = (pair[a] - pair[b]).to_numpy(float)
+                subj = pair.index.get_level_values(0).to_numpy()
+                r = subject_bootstrap(subj, lambda idx, w=diff: float(np.median(w[idx])),
+                                      n_boot=n_boot, seed=seed)
+                try:
+                    p = float(wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
+                except ValueError:
+                    p = float("nan")
+                out["pairwise"].append({"a": a, "b": b, "n_lesions": int(len(diff)),
+                                        "median_aopc_difference": r["estimate"],
+                                        "ci_low": r["ci_low"], "ci_high": r["ci_high"],
+                                        "wilcoxon_p": p})
+    return out
+
+
+def checks_markdown(pooled: dict | None) -> str:
+    """The ``stats.md`` section of :func:`pool_checks` (plain sentences and a table)."""
+    if not pooled:
+        return ""
+    from .report.checks import _LABELS
+
+    def f(x):
+        return "NaN" if x is None or not np.isfinite(x) else f"{x:.3g}"
+
+    def ci(d):
+        return f"{f(d['median'])} [{f(d['ci_low'])}, {f(d['ci_high'])}] (n = {d['n_lesions']})"
+
+    lines = ["## Can the maps be trusted? Per-lesion checks", "",
+             f"{pooled['n_subjects']} subject(s) with `instance-saliency check` results; "
+             "medians with subject-bootstrap 95 % CIs.", "",
+             "| method | Spearman abs(map), full randomisation | SSIM, full randomisation | "
+             "deletion AOPC − random (background) | deletion AOPC − random (ROAD) | insertion |",
+             "|---|---|---|---|---|---|"]
+    for method, m in pooled["methods"].items():
+        if method == "model":
+            continue
+        cells = [ci(m[k]) if k in m else "–" for k in
+                 ("randomisation_spearman_abs", "randomisation_ssim",
+                  "deletion_aopc_minus_random", "deletion_road_aopc_minus_random", "insertion")]
+        lines.append(f"| {_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for method, m in pooled["methods"].items():
+        if method == "model":
+            continue
+        lab = _LABELS.get(method, method)
+        if "randomisation_passes" in m:
+            lines.append(f"- {lab} {'passes' if m['randomisation_passes'] else 'does not pass'}"
+                         " the randomisation check (rule: upper CI bound of the median Spearman "
+                         "abs(map) similarity below 0.5).")
+        if "deletion_passes" in m:
+            lines.append(f"- {lab} {'passes' if m['deletion_passes'] else 'does not pass'} the "
+                         "deletion check (rule: lower CI bound of the median AOPC minus random "
+                         "order above 0).")
+    ctx = pooled["methods"].get("model", {}).get("context_recovery_mm")
+    if ctx:
+        lines.append(f"- Context: median distance at which detection recovers {ci(ctx)} mm "
+                     "(seed paper: about 7 mm).")
+    for p in pooled["pairwise"]:
+        lines.append(f"- Deletion AOPC, {_LABELS.get(p['a'], p['a'])} − "
+                     f"{_LABELS.get(p['b'], p['b'])}: median {f(p['median_aopc_difference'])} "
+                     f"[{f(p['ci_low'])}, {f(p['ci_high'])}], Wilcoxon p = {f(p['wilcoxon_p'])}"
+                     f" (n = {p['n_lesions']} lesions).")
+    return "\n".join(lines) + "\n"

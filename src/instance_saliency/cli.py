@@ -403,8 +403,16 @@ def cmd_check(a) -> int:
                       baselines=tuple(a.baselines.split(",")),
                       context_mm=_float_list(a.context_mm, "--context-mm"), lesions=lesions,
                       seed=a.seed)
-    run_checks(a.run, cfg, overwrite=a.overwrite, figures=not a.no_figures,
-               log=(lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr)))
+    log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr))
+    if (Path(a.run) / "subjects").is_dir() and not (Path(a.run) / "run.json").exists():
+        from .checks import check_cohort
+
+        done = check_cohort(a.run, cfg, overwrite=a.overwrite, figures=not a.no_figures,
+                            log=log)
+        print(f"checks written for {len(done)} subject(s); pool them with `instance-saliency "
+              f"analyze {a.run}`")
+        return 0
+    run_checks(a.run, cfg, overwrite=a.overwrite, figures=not a.no_figures, log=log)
     return 0
 
 
@@ -593,7 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     cd = CheckConfig()
     ck = sub.add_parser("check", help="per-lesion trust checks of a finished explain run: "
                         "model randomisation, deletion/insertion, context (checks.csv)")
-    ck.add_argument("run", help="output folder of `instance-saliency explain`")
+    ck.add_argument("run", help="output folder of `instance-saliency explain`, or a cohort "
+                    "folder (every finished subject; resumable)")
     ck.add_argument("--checks", default=",".join(cd.checks),
                     help="comma-separated, from randomisation,deletion,context (default: all)")
     ck.add_argument("--methods", default=",".join(cd.methods),

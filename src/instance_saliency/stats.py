@@ -887,8 +887,13 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
         table = table.merge(p, on=["subject", "label"], how="left")
     atomic_write_text(out / "cohort_instances.csv", table.to_csv(index=False))
     atomic_write_text(out / "cohort_profiles.csv", profiles.to_csv(index=False))
+    from .checks import checks_markdown, pool_checks
+
+    pooled_checks = pool_checks(out, n_boot=n_boot, seed=seed)
+    if pooled_checks is not None:
+        res["checks"] = pooled_checks
     atomic_write_text(out / "stats.json", json.dumps(_clean(res), indent=2) + "\n")
-    md = _markdown(res)
+    md = _markdown(res) + ("\n" + checks_markdown(pooled_checks) if pooled_checks else "")
     atomic_write_text(out / "stats.md", md)
     if figures:
         _cohort_report(out, instances, prof, res)
