@@ -2,7 +2,7 @@
 """Benchmark: instance SmoothGrad on a real full-size scan, ours vs the obvious Captum way.
 
 On the real scan of ``--subject`` (182×218×182 for the open_ms_data subjects, z-scored with
-:func:`instance_saliency.io.zscore_nonzero`) and the model's sliding-window setting (ROI 96³,
+:func:`instance_saliency.io.normalise`) and the model's sliding-window setting (ROI 96³,
 overlap 0.25, Gaussian blending), the K largest predicted lesions are explained with N noise
 samples by
 
@@ -371,7 +371,7 @@ def _prepare(a: argparse.Namespace, wd: Path) -> dict:
     from instance_saliency.datasets import fetch_subject
     from instance_saliency.inference import predict_probability
     from instance_saliency.instances import find_instances
-    from instance_saliency.io import load_subject, zscore_nonzero
+    from instance_saliency.io import load_subject, normalise
     from instance_saliency.models import default_model_dir, load_checkpoint, save_checkpoint
     from instance_saliency.saliency.base import noise_sigma
 
@@ -388,7 +388,7 @@ def _prepare(a: argparse.Namespace, wd: Path) -> dict:
         data_dir = str(beside) if (beside / "SHA256SUMS").is_file() else None
     files = fetch_subject(a.subject, data_dir)
     subj = load_subject(files["flair"], files["mprage"], files["mask"])
-    image = zscore_nonzero(subj.image)
+    image = normalise(subj.image, cfg.normalisation, cfg.landmarks)
     t0 = time.perf_counter()
     prob = predict_probability(model, image, cfg.roi_size, cfg.overlap, cfg.lesion_class,
                                a.sw_batch_size, a.device)

@@ -9,7 +9,7 @@ from _helpers import DATA, needs_data
 from instance_saliency import datasets
 from instance_saliency.inference import WindowGrid, predict_probability
 from instance_saliency.instances import find_instances
-from instance_saliency.io import load_subject, zscore_nonzero
+from instance_saliency.io import load_subject, normalise
 from instance_saliency.metrics import evaluate_pair
 from instance_saliency.models import load_checkpoint
 from instance_saliency.saliency import gradcampp, smoothgrad
@@ -23,18 +23,19 @@ def shipped_on_patient07():
     p = datasets.fetch_subject("patient07", DATA)
     s = load_subject(p["flair"], p["mprage"], p["mask"])
     model, cfg = load_checkpoint()
-    x = zscore_nonzero(s.image)
+    x = normalise(s.image, cfg.normalisation, cfg.landmarks)
     prob = predict_probability(model, x, cfg.roi_size, cfg.overlap, cfg.lesion_class)
     return s, model, cfg, x, prob
 
 
 def test_shipped_model_ndsc_floor(shipped_on_patient07):
-    """patient07 was held out from training. Measured nDSC 0.368 (the model card); the floor
-    0.30 allows for platform arithmetic differences but catches a broken loader, a wrong
-    normalisation or channel order (those score below 0.15 here)."""
+    """patient07 was held out from training and from every setting of the shipped model
+    (threshold 0.3 chosen on the other cross-validation folds). Measured nDSC 0.413 (the
+    model card); the floor 0.36 allows for platform arithmetic differences but catches a broken
+    loader, a wrong normalisation or channel order (those score below 0.15 here)."""
     s, model, cfg, x, prob = shipped_on_patient07
     m = evaluate_pair(s.mask, prob >= cfg.threshold, s.spacing)
-    assert m["ndsc"] > 0.30
+    assert m["ndsc"] > 0.36
     assert np.isfinite(prob).all() and prob.min() >= 0 and prob.max() <= 1
 
 
