@@ -322,7 +322,9 @@ def cmd_evaluate(a) -> int:
     else:
         if not (a.pred and a.mask):
             raise InputError("give --pred and --mask, or --manifest")
-        pairs = [(Path(a.pred).name.split(".")[0], a.pred, a.mask)]
+        pairs = [(a.subject or _subject_name(a.pred), a.pred, a.mask)]
+    if not (0 < a.iou_threshold <= 1):
+        raise InputError(f"--iou-threshold must lie in (0, 1], got {a.iou_threshold}")
     rows = []
     for subj, p, m in pairs:
         ref = load_volume(m, "mask")
@@ -331,11 +333,7 @@ def cmd_evaluate(a) -> int:
         spacing = tuple(float(v) for v in np.linalg.norm(ref.affine[:3, :3], axis=0))
         rows.append({"subject": subj, **evaluate_pair(gt, pr, spacing, a.iou_threshold,
                                                       a.connectivity)})
-    table = pd.DataFrame(rows)
-    num = table.drop(columns=["subject"])
-    summary = pd.concat([num.mean().rename("mean"), num.std(ddof=0).rename("std")], axis=1).T
-    summary.insert(0, "subject", summary.index)
-    text = pd.concat([table, summary], ignore_index=True).to_csv(index=False)
+    text = _metrics_csv(pd.DataFrame(rows))
     if a.out:
         if Path(a.out).is_dir():
             raise OutputError(f"--out {a.out} is a folder; give a CSV file path")
@@ -344,6 +342,44 @@ def cmd_evaluate(a) -> int:
     else:
         print(text, end="")
     return 0
+
+
+#: file names that `predict` and `explain` give a mask: the subject is the folder's name then
+_GENERIC_MASK_NAMES = ("prediction_mask", "mask", "prediction", "pred", "seg", "segmentation")
+
+
+def _subject_name(path) -> str:
+    """Subject name of a prediction file: its name without ``.nii``/``.nii.gz``, or the name of
+    its folder when the file has a generic name (``out/sub01/prediction_mask.nii.gz`` ->
+    ``sub01``)."""
+    p = Path(path)
+    stem = p.name[:-7] if p.name.endswith(".nii.gz") else p.stem
+    if stem.lower() in _GENERIC_MASK_NAMES and p.resolve().parent.name:
+        return p.resolve().parent.name
+    return stem
+
+
+def _metrics_csv(table) -> str:
+    """``evaluate``'s CSV: one row per subject (counts as integers, other metrics rounded to 4
+    decimals, volumes to 0.001 mm^3), then the ``mean`` and ``std`` rows over subjects."""
+    import numpy as np
+    import pandas as pd
+
+    counts = [c for c in table.columns if c.startswith("n_")]
+    num = table.drop(columns=["subject"]).astype(float)
+    summary = pd.concat([num.mean().rename("mean"), num.std(ddof=0).rename("std")], axis=1).T
+    summary.insert(0, "subject", summary.index)
+    rows = table.astype(object)
+    for c in counts:
+        rows[c] = [int(v) for v in table[c]]
+    out = pd.concat([rows, summary.astype(object)], ignore_index=True)
+    for c in out.columns:
+        if c == "subject":
+            continue
+        digits = 3 if c.endswith("_mm3") else 4
+        out[c] = pd.Series([int(v) if isinstance(v, (int, np.integer)) else round(float(v), digits)
+                            for v in out[c]], dtype=object)
+    return out.to_csv(index=False)
 
 
 def cmd_cohort(a) -> int:
@@ -489,11 +525,15 @@ def _add_explain_options(e, **overrides) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .models import ARCHITECTURES
 
-    p = argparse.ArgumentParser(prog="instance-saliency", description=(
+    p = argparse.ArgumentParser(prog="instance-saliency", allow_abbrev=False, description=(
         "Explain 3D lesion segmentation models one lesion at a time (instance SmoothGrad and "
         "Grad-CAM++; Spagnolo et al., arXiv:2406.09335)."))
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # no silent abbreviations (``--n-sample`` is an error, not ``--n-samples``), also in the
+    # subcommands: argparse passes the parent's ``allow_abbrev`` to none of them
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _add = sub.add_parser
+    sub.add_parser = lambda *args, **kw: _add(*args, allow_abbrev=False, **kw)
 
     t = sub.add_parser("train", help="train a segmentation model on scans with lesion masks")
     t.add_argument("--train-subjects", nargs="*", default=[], metavar="NAME",
@@ -574,7 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "paths: from the manifest's folder, which they may not leave)")
     ev.add_argument("--allow-outside-root", action="store_true",
                     help="allow manifest paths outside the manifest's folder")
-    ev.add_argument("--iou-threshold", type=float, default=0.25)
+    ev.add_argument("--subject", help="subject name of the row (default: the --pred file "
+                    "name, or its folder's name for a generic name such as prediction_mask)")
+    ev.add_argument("--iou-threshold", type=float, default=0.25,
+                    help="IoU a predicted lesion needs with a ground-truth lesion to count as "
+                    "detected (default 0.25, Shifts)")
     ev.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=6)
     ev.add_argument("--out", help="CSV path (default: print)")
     ev.set_defaults(func=cmd_evaluate)
@@ -672,9 +716,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore", ModelWarning)  # printed as one line by the commands
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+    if not getattr(args, "func", None):  # as argparse does for a missing required argument
+        parser.print_usage(sys.stderr)
+        print("instance-saliency: error: a command is required (explain, demo, predict, "
+              "evaluate, train, cohort, analyze); see instance-saliency --help", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except InstanceSaliencyError as e:
