@@ -96,3 +96,68 @@ def test_licence_metadata_is_spdx_without_deprecation_warning(tmp_path):
     meta = next((tmp_path / "md").glob("*.dist-info")) / "METADATA"
     text = meta.read_text()
     assert "License-Expression: Apache-2.0" in text and "License-File: LICENSE" in text
+
+
+# ------------------------------------------------------------------------------------------
+# NIfTI headers and masks
+
+
+def test_saved_maps_keep_qform_and_sform_as_they_were(tmp_path):
+    from instance_saliency.io import load_images, save_map
+
+    sheared = np.eye(4)
+    sheared[0, 1] = 0.02  # a slightly sheared sform, no qform (code 0): ITK reads the qform
+    sheared[:3, 3] = [-10, 5, 3]
+    data = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32) + 1
+    img = nib.Nifti1Image(data, None)
+    img.header.set_sform(sheared, 2)
+    img.header.set_qform(None, code=0)
+    nib.save(img, str(tmp_path / "in.nii.gz"))
+    ref = nib.load(str(tmp_path / "in.nii.gz")).header
+    s = load_images([tmp_path / "in.nii.gz"], ["FLAIR"])
+    save_map(tmp_path / "out.nii.gz", data, s.affine, s.header)
+    h = nib.load(str(tmp_path / "out.nii.gz")).header
+    for k in ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x",
+              "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z"):
+        assert np.array_equal(h[k], ref[k]), k
+    assert int(h["qform_code"]) == 0 and int(h["sform_code"]) == 2
+    # both codes set (qform != sform): both kept; a crop's affine moves both by the same offset
+    img = nib.Nifti1Image(data, None)
+    q = np.diag([1.2, 1.0, 1.0, 1.0])
+    q[:3, 3] = [1, 2, 3]
+    img.header.set_qform(q, 1)
+    img.header.set_sform(sheared, 4)
+    nib.save(img, str(tmp_path / "in2.nii.gz"))
+    s = load_images([tmp_path / "in2.nii.gz"], ["FLAIR"])
+    crop = s.affine.copy()
+    crop[:3, 3] = s.affine[:3, :3] @ [2, 3, 1] + s.affine[:3, 3]
+    save_map(tmp_path / "crop.nii.gz", data[2:, 3:, 1:], crop, s.header)
+    out = nib.load(str(tmp_path / "crop.nii.gz"))
+    assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (1, 4)
+    np.testing.assert_allclose(out.header.get_sform(), crop, atol=1e-6)
+    np.testing.assert_allclose(out.header.get_qform()[:3, 3], q[:3, :3] @ [2, 3, 1] + q[:3, 3],
+                               atol=1e-5)
+
+
+def test_mask_with_non_binary_values_is_refused(tmp_path, capsys):
+    m = np.zeros((10, 10, 10), np.float32)
+    m[2:5, 2:5, 2:5] = 0.7
+    bad = _save(tmp_path / "soft.nii.gz", m)
+    ok = np.zeros((10, 10, 10), np.float32)
+    ok[2:5, 2:5, 2:5] = 1.0
+    good = _save(tmp_path / "ok.nii.gz", ok)  # a float 0/1 mask is fine
+    assert cli.main(["evaluate", "--pred", str(good), "--mask", str(bad)]) == 2
+    assert _err(capsys) == (f"instance-saliency: error: mask file {bad} is not binary: values "
+                            "[0.7] besides 0/1 (threshold it first, e.g. at 0.5)")
+    assert cli.main(["evaluate", "--pred", str(good), "--mask", str(good)]) == 0
+
+
+def test_cohort_failures_leave_no_lock_file(tmp_path):
+    from instance_saliency.cohort import _update_failures
+
+    (tmp_path / ".failures.lock").write_text("")  # left by an earlier version
+    cur = _update_failures(tmp_path, {"s1": {"error": "InputError", "message": "m"}}, [])
+    assert list(cur) == ["s1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["failures.json"]
+    assert _update_failures(tmp_path, {}, ["s1"]) == {}
+    assert list(tmp_path.iterdir()) == []

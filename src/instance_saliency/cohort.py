@@ -314,20 +314,24 @@ def _remove_leftovers(subjects_dir: Path, subject: str) -> list:
 
 
 @contextmanager
-def _locked(path: Path):
-    """Exclusive advisory lock on ``path`` (POSIX ``flock``; no-op elsewhere)."""
+def _locked(folder: Path):
+    """Exclusive advisory lock on the folder ``folder`` itself (POSIX ``flock`` on the folder's
+    descriptor; no-op elsewhere), so that no lock file is left in it."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _update_failures(out: Path, failed: dict, cleared: list) -> dict:
@@ -339,7 +343,8 @@ def _update_failures(out: Path, failed: dict, cleared: list) -> dict:
     from .io import atomic_write_text
 
     path = out / FAILURES_FILE
-    with _locked(out / ".failures.lock"):
+    (out / ".failures.lock").unlink(missing_ok=True)  # left by earlier versions
+    with _locked(out):
         cur = {}
         if path.is_file():
             try:

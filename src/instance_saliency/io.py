@@ -20,6 +20,8 @@ from .errors import InputError, OutputError
 #: affines of co-registered inputs may differ by at most this much (mm, elementwise)
 AFFINE_TOL_MM = 1e-3
 CHANNELS = ("FLAIR", "MPRAGE")
+#: a mask voxel may differ from 0 or 1 by at most this much (float storage noise)
+MASK_TOL = 1e-3
 
 
 @dataclass
@@ -116,8 +118,10 @@ def load_mask(path: str | os.PathLike, ref: nib.Nifti1Image | None = None,
               ref_path=None) -> np.ndarray:
     """Load a binary lesion mask as uint8 ``(X, Y, Z)``.
 
-    Values are rounded; anything other than 0/1 after rounding is refused (a float 0/1 mask is
-    fine). When ``ref`` is given the mask must lie on the same grid.
+    Every voxel must be 0 or 1 within :data:`MASK_TOL` (a float 0/1 mask is fine, and so is
+    float storage noise such as 0.9999); other values, such as 0.7 from an interpolated or
+    probability map, are refused rather than rounded. When
+    ``ref`` is given the mask must lie on the same grid.
 
     Raises
     ------
@@ -127,11 +131,13 @@ def load_mask(path: str | os.PathLike, ref: nib.Nifti1Image | None = None,
     img = load_volume(path, "mask")
     if ref is not None:
         _check_same_grid(ref, ref_path, img, path, "mask")
-    data = np.rint(np.asarray(img.dataobj, dtype=np.float64))
-    bad = ~np.isin(data, (0.0, 1.0))
+    raw = np.asarray(img.dataobj, dtype=np.float64)
+    data = np.rint(raw)
+    bad = ~np.isin(data, (0.0, 1.0)) | (np.abs(raw - data) > MASK_TOL)
     if bad.any():
-        vals = np.unique(data[bad])[:5]
-        raise InputError(f"mask file {path} is not binary: values {vals.tolist()} besides 0/1")
+        vals = [float(f"{v:.4g}") for v in np.unique(raw[bad])[:5]]
+        raise InputError(f"mask file {path} is not binary: values {vals} besides 0/1 "
+                         "(threshold it first, e.g. at 0.5)")
     return data.astype(np.uint8)
 
 
@@ -409,6 +415,39 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, w)
 
 
+def _keep_orientation(img: nib.Nifti1Image, header: nib.Nifti1Header, affine) -> None:
+    """Give ``img`` the qform and sform of ``header`` as they were (matrices and codes).
+
+    ``affine`` may differ from the header's own affine by a voxel transform ``T`` (e.g. a
+    crop's translation): both matrices are then composed with the same ``T``, so that readers
+    that prefer the qform (ITK-based tools) and those that prefer the sform (nibabel, FSL)
+    place the output exactly where they place the input. A header with neither code set
+    gets ``affine`` in both, with code 1 (scanner).
+    """
+    q, qcode = header.get_qform(coded=True)
+    s, scode = header.get_sform(coded=True)
+    if not qcode and not scode:
+        img.set_qform(affine, 1)
+        img.set_sform(affine, 1)
+        return
+    t = np.linalg.solve(header.get_best_affine(), np.asarray(affine, dtype=np.float64))
+    if np.allclose(t, np.eye(4), atol=1e-6):
+        t = np.eye(4)
+    hdr = img.header
+    for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z"):
+        hdr[k] = header[k]  # a qform with code 0 is kept as it was, too
+    hdr["pixdim"][0] = header["pixdim"][0]
+    if qcode:
+        hdr.set_qform(q @ t, int(qcode), strip_shears=False)
+    else:
+        hdr["qform_code"] = 0
+    if scode:
+        hdr.set_sform(s @ t, int(scode))
+    else:
+        hdr["sform_code"] = 0
+    img._affine = hdr.get_best_affine()  # keeps nibabel from rewriting the header on save
+
+
 def save_map(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
              header: nib.Nifti1Header | None = None, dtype=np.float32) -> None:
     """Save a map on the source grid as NIfTI, atomically (temporary name, then rename).
@@ -422,17 +461,20 @@ def save_map(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
     affine : ndarray, shape (4, 4)
         Source affine.
     header : Nifti1Header, optional
-        Source header: its spatial information (qform/sform codes, units, zooms) is kept.
+        Source header: its qform and sform (matrices and codes), units and zooms are kept
+        (see :func:`_keep_orientation`); ``affine`` should be its affine or that affine
+        composed with a voxel transform (a crop).
     dtype : numpy dtype
         Stored data type (float32 for maps, uint8/int16/int32 for masks and label maps).
     """
     arr = np.asarray(data).astype(dtype, copy=False)
-    hdr = header.copy() if header is not None else None
-    img = nib.Nifti1Image(arr, affine, hdr)
+    img = nib.Nifti1Image(arr, affine, header.copy() if header is not None else None)
     img.set_data_dtype(dtype)
-    if hdr is not None:
-        img.set_qform(affine, int(hdr["qform_code"]) or 1)
-        img.set_sform(affine, int(hdr["sform_code"]) or 1)
+    if header is not None:
+        _keep_orientation(img, header, affine)
+    else:
+        img.set_qform(affine, 1)
+        img.set_sform(affine, 1)
     img.header["scl_slope"] = np.nan
     img.header["scl_inter"] = np.nan
     atomic_write(path, lambda tmp: nib.save(img, tmp))
