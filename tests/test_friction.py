@@ -161,3 +161,84 @@ def test_cohort_failures_leave_no_lock_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["failures.json"]
     assert _update_failures(tmp_path, {}, ["s1"]) == {}
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------
+# cohort statistics
+
+
+def _cohort(root, n_subjects, methods=("smoothgrad",), seed=0):
+    """Subject folders with synthetic instances.csv / profiles.csv (TP high, FP low peaks)."""
+    rng = np.random.default_rng(seed)
+    for s in range(n_subjects):
+        d = root / "subjects" / f"S{s}"
+        d.mkdir(parents=True)
+        rows, prof = [], []
+        for label, status in enumerate(["TP"] * 4 + ["FP"] * 3 + ["FN"] * 2, start=1):
+            r = {"label": label, "status": status, "volume_mm3": float(rng.uniform(5, 50))}
+            base = {"TP": 3.0, "FP": 1.0, "FN": 0.5}[status]
+            for m in methods:
+                chans = ("flair", "mprage") if m == "smoothgrad" else ("cam",)
+                for ch in chans:
+                    p = f"{m}_{ch}"
+                    r[f"{p}_peak_max"] = base + rng.normal(0, 0.3)
+                    r[f"{p}_peak_min"] = -base / 2 + rng.normal(0, 0.3)
+                    r[f"{p}_mean_in"] = base / 3 + rng.normal(0, 0.3)
+                    for k in range(1, 6):
+                        r[f"{p}_rim_out_{k}mm"] = -0.1 * base + rng.normal(0, 0.1)
+                    for dist in (-0.5, 0.5, 1.5):
+                        prof.append({"label": label, "status": status, "method": m,
+                                     "channel": ch, "distance_mm": dist,
+                                     "mean": base - dist + rng.normal(0, 0.1), "voxels": 5})
+                if m == "smoothgrad":
+                    r["smoothgrad_flair_share"] = float(rng.uniform(0.5, 0.9))
+            rows.append(r)
+        pd.DataFrame(rows).to_csv(d / "instances.csv", index=False)
+        pd.DataFrame(prof).to_csv(d / "profiles.csv", index=False)
+        (d / "run.json").write_text("{}")
+
+
+def test_bootstrap_ci_not_estimable_with_two_subjects(tmp_path):
+    from instance_saliency import stats
+
+    r = stats.subject_bootstrap(["a", "a", "b", "b"], lambda i: float(np.mean(i)), 200, 0)
+    assert r["estimate"] == pytest.approx(1.5)
+    assert np.isnan(r["ci_low"]) and np.isnan(r["ci_high"]) and r["n_valid"] == 0
+    assert r["ci_note"].startswith("not estimable: 2 subject(s)")
+    r3 = stats.subject_bootstrap(["a", "b", "c"], lambda i: float(np.mean(i)), 200, 0)
+    assert r3["ci_low"] < r3["ci_high"] and "ci_note" not in r3
+    _cohort(tmp_path, 2)
+    res = stats.analyze(tmp_path, n_boot=50, figures=False, log=lambda m: None)
+    auc = res["peak_by_status"]["features"][0]["auc_fp_vs_tp"]
+    assert np.isnan(auc["ci_low"]) and "not estimable" in auc["ci_note"]
+    md = (tmp_path / "stats.md").read_text()
+    assert "[CI not estimable: 2 subject(s)" in md and "[–, –]" not in md
+    js = json.loads((tmp_path / "stats.json").read_text())
+    assert js["flair_vs_mprage"]["share"]["ci_low"] is None  # NaN -> null, not a 0-width CI
+
+
+def test_stats_md_links_no_figures_under_no_figures(tmp_path):
+    _cohort(tmp_path, 3)
+    assert cli.main(["analyze", str(tmp_path), "--n-boot", "20", "--no-figures"]) == 0
+    md = (tmp_path / "stats.md").read_text()
+    assert "figures/" not in md and ".png" not in md
+    assert not (tmp_path / "figures").exists()
+    assert cli.main(["analyze", str(tmp_path), "--n-boot", "20"]) == 0
+    md = (tmp_path / "stats.md").read_text()
+    assert "`figures/profile_by_status.png`" in md
+    assert (tmp_path / "figures" / "profile_by_status.png").is_file()
+
+
+def test_analyze_gradcampp_only_cohort_uses_the_method_present(tmp_path, capsys):
+    from instance_saliency import stats
+
+    _cohort(tmp_path, 3, methods=("gradcampp",))
+    res = stats.analyze(tmp_path, n_boot=20, figures=False, log=lambda m: None)
+    assert (res["method"], res["channel"]) == ("gradcampp", "cam")
+    assert res["sign_pattern"]["available"] and res["sign_pattern"]["overall"]["n"] == 27
+    assert not res["flair_vs_mprage"]["available"]  # one map, no FLAIR/MPRAGE comparison
+    assert set(res["profile"]) == {"cam"}
+    assert cli.main(["analyze", str(tmp_path), "--n-boot", "20", "--method", "smoothgrad",
+                     "--no-figures"]) == 2
+    assert _err(capsys) == ("instance-saliency: error: --method smoothgrad: no smoothgrad maps "
+                            "in this cohort; present: gradcampp")

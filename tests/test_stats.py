@@ -106,11 +106,11 @@ def test_subject_bootstrap_reproducible_resamples_whole_subjects():
 
 
 def test_subject_bootstrap_skips_invalid_replicates():
-    subjects = np.array(["a", "a", "b", "b"])
-    y = np.array([True, False, True, True])  # subject b alone has one class
-    s = np.array([0.9, 0.1, 0.8, 0.7])
+    subjects = np.array(["a", "a", "b", "b", "c", "c"])
+    y = np.array([True, False, True, True, True, True])  # b and c alone have one class
+    s = np.array([0.9, 0.1, 0.8, 0.7, 0.6, 0.5])
     r = stats.subject_bootstrap(subjects, lambda i: stats._auc(y[i], s[i]), 100, seed=0)
-    assert 0 < r["n_valid"] < 100  # replicates with only b are skipped
+    assert 0 < r["n_valid"] < 100  # replicates without a are skipped
 
 
 # --------------------------------------------------------------------------------------------

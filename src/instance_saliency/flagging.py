@@ -487,6 +487,8 @@ def _evaluate_set(df, X: pd.DataFrame, y, subj, status_all, subj_all, fn_by_subj
         bs = st.subject_bootstrap(subj[covered], lambda i: st._auc(yc[i], pc[i]), n_boot, seed,
                                   level)
         auc.update(ci_low=bs["ci_low"], ci_high=bs["ci_high"], n_valid=bs["n_valid"])
+        if "ci_note" in bs:  # e.g. fewer than 3 subjects
+            auc["ci_note"] = bs["ci_note"]
     evaluated = _names(set(subj_all) - set(cv["skipped_subjects"]))
     ev = np.isin(subj_all, evaluated)
     tp0 = int((ev & (status_all == "TP")).sum())
@@ -611,6 +613,8 @@ def compare_feature_sets(instances: pd.DataFrame, methods: Sequence[str] | None 
             d.update(estimate=bs["estimate"], ci_low=bs["ci_low"], ci_high=bs["ci_high"],
                      n_valid=bs["n_valid"], p_permutation=pt["p"], n_perm=pt["n_perm"],
                      exact=pt["exact"])
+            if "ci_note" in bs:
+                d["ci_note"] = bs["ci_note"]
         entry = {"saliency": sal, "delta_auc": d}
         entry["sentence"] = plain_sentence(m, base, sal, d, len(both))
         out_methods[m] = entry
@@ -1039,6 +1043,8 @@ def flag_errors(instances: pd.DataFrame, features: Sequence[str] | None = None,
         bs = st.subject_bootstrap(subj[covered], lambda i: st._auc(yc[i], pc[i]), n_boot, seed,
                                   level)
         auc.update(ci_low=bs["ci_low"], ci_high=bs["ci_high"], n_valid=bs["n_valid"])
+        if "ci_note" in bs:  # e.g. fewer than 3 subjects
+            auc["ci_note"] = bs["ci_note"]
     evaluated = sorted(set(subj_all) - set(skipped))
     ev_all = np.isin(subj_all, evaluated)
     tp0 = int((ev_all & (status == "TP")).sum())

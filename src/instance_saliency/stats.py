@@ -257,6 +257,12 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float:
     return float((r[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
+#: fewer subjects than this give no bootstrap CI: with 2 subjects there are only 3 distinct
+#: resamples ({a, a}, {b, b}, {a, b}), whose percentiles are often one value (a zero-width
+#: "interval") that says nothing about the uncertainty
+MIN_BOOT_SUBJECTS = 3
+
+
 def subject_bootstrap(subjects: Sequence, statistic: Callable[[np.ndarray], float],
                       n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """Percentile confidence interval by resampling subjects (cluster bootstrap) [7]_.
@@ -284,7 +290,10 @@ def subject_bootstrap(subjects: Sequence, statistic: Callable[[np.ndarray], floa
     dict
         ``estimate`` (statistic on all rows), ``ci_low``, ``ci_high`` (percentiles
         ``(1 - level) / 2`` and ``(1 + level) / 2`` of the valid replicates; NaN when none),
-        ``n_boot`` (requested), ``n_valid`` (replicates used), ``level``, ``n_subjects``.
+        ``n_boot`` (requested), ``n_valid`` (replicates used), ``level``, ``n_subjects``,
+        and ``ci_note`` (why the CI is NaN, else absent). With fewer than
+        :data:`MIN_BOOT_SUBJECTS` subjects the CI is not estimable: ``ci_low`` / ``ci_high``
+        are NaN and no replicate is drawn.
     """
     subjects = np.asarray(subjects).astype(str)
     n = subjects.size
@@ -293,7 +302,11 @@ def subject_bootstrap(subjects: Sequence, statistic: Callable[[np.ndarray], floa
     rows = [np.flatnonzero(codes == k) for k in range(uniq.size)]
     rng = np.random.default_rng(seed)
     vals = []
-    if uniq.size and n_boot > 0:
+    note = None
+    if uniq.size < MIN_BOOT_SUBJECTS:
+        note = (f"not estimable: {uniq.size} subject(s), a subject bootstrap needs at least "
+                f"{MIN_BOOT_SUBJECTS}")
+    elif n_boot > 0:
         for _ in range(int(n_boot)):
             pick = rng.integers(0, uniq.size, uniq.size)
             v = float(statistic(np.concatenate([rows[k] for k in pick])))
@@ -301,9 +314,14 @@ def subject_bootstrap(subjects: Sequence, statistic: Callable[[np.ndarray], floa
                 vals.append(v)
     a = (1.0 - level) / 2.0
     lo, hi = (np.percentile(vals, [100 * a, 100 * (1 - a)]) if vals else (np.nan, np.nan))
-    return {"estimate": estimate, "ci_low": float(lo), "ci_high": float(hi),
-            "n_boot": int(n_boot), "n_valid": len(vals), "level": level,
-            "n_subjects": int(uniq.size)}
+    if note is None and not vals:
+        note = "not estimable: no bootstrap replicate gave a finite value"
+    res = {"estimate": estimate, "ci_low": float(lo), "ci_high": float(hi),
+           "n_boot": int(n_boot), "n_valid": len(vals), "level": level,
+           "n_subjects": int(uniq.size)}
+    if note:
+        res["ci_note"] = note
+    return res
 
 
 def _status(df: pd.DataFrame) -> np.ndarray:
@@ -404,6 +422,8 @@ def peak_by_status(instances: pd.DataFrame, features: Sequence[str] | None = Non
             auc["auc"] = float(roc_auc_score(y, xs))
             bs = subject_bootstrap(subj[sel], lambda i: _auc(y[i], xs[i]), n_boot, seed, level)
             auc.update(ci_low=bs["ci_low"], ci_high=bs["ci_high"], n_valid=bs["n_valid"])
+            if "ci_note" in bs:
+                auc["ci_note"] = bs["ci_note"]
         results.append({
             "feature": feat,
             "n": {s: int(groups[s].size) for s in STATUSES},
@@ -491,6 +511,7 @@ def flair_vs_mprage(instances: pd.DataFrame, method: str = "smoothgrad", n_boot:
             "ci_low": bs["ci_low"] if bs else float("nan"),
             "ci_high": bs["ci_high"] if bs else float("nan"),
             "n_valid": bs["n_valid"] if bs else 0, "level": level,
+            **({"ci_note": bs["ci_note"]} if bs and "ci_note" in bs else {}),
             "fraction_above_half": float(np.mean(sv > 0.5)) if sv.size else float("nan"),
             "by_status": {st: {"n": int((status == st).sum()),
                                "median": float(np.median(sv[status == st]))
@@ -686,10 +707,14 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def _ci(d: dict, est_key: str) -> str:
+    if d.get("ci_note"):  # e.g. too few subjects: say so rather than print "[–, –]"
+        return f"{_f(d.get(est_key))} [CI {d['ci_note']}]"
     return f"{_f(d.get(est_key))} [{_f(d.get('ci_low'))}, {_f(d.get('ci_high'))}]"
 
 
-def _markdown(res: dict) -> str:
+def _markdown(res: dict, figures: bool = True) -> str:
+    """``stats.md``: the statistics as text and tables; ``figures``: whether the figure files
+    exist to be linked."""
     out = [f"# Cohort statistics\n",
            f"{res['n_subjects']} subjects, {res['n_lesions']} lesions "
            f"({', '.join(f'{k} {v}' for k, v in res['counts'].items())}). "
@@ -749,7 +774,8 @@ def _markdown(res: dict) -> str:
     else:
         out.append(f"not available: {sp.get('reason')}\n")
     out.append("\nDistance profiles (mean ± t-interval over lesions) are in "
-               "`figures/profile_by_status.png` and `stats.json`.\n")
+               + ("`figures/profile_by_status.png` and " if figures else "")
+               + "`stats.json`.\n")
     from .flagging import markdown as flagging_markdown
 
     out.append(flagging_markdown(res["flag_errors"]))
@@ -759,8 +785,30 @@ def _markdown(res: dict) -> str:
     return "".join(out)
 
 
+def _pick_method(instances: pd.DataFrame, profiles: pd.DataFrame, method: str | None):
+    """The method of the per-channel analyses and its main channel (``flair``, else ``cam``).
+
+    Raises
+    ------
+    InputError
+        ``method`` given but absent from the cohort (the message lists those present).
+    """
+    present = [m for m in ("smoothgrad", "gradcampp")
+               if any(str(c).startswith(m + "_") and str(c).endswith("_mean_in")
+                      for c in instances.columns)
+               or (len(profiles) and (profiles["method"].astype(str) == m).any())]
+    if method is None:
+        method = present[0] if present else "smoothgrad"
+    elif (len(instances) or len(profiles)) and method not in present:
+        raise InputError(f"--method {method}: no {method} maps in this cohort; present: "
+                         f"{', '.join(present) or 'none'}")
+    channel = "flair" if f"{method}_flair_mean_in" in instances else (
+        "cam" if f"{method}_cam_mean_in" in instances else "flair")
+    return method, channel
+
+
 def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float = 0.25,
-            method: str = "smoothgrad", include_log_volume: bool = False,
+            method: str | None = None, include_log_volume: bool = False,
             threshold_rule: str = "f1", figures: bool = True, log=print, n_perm: int = 2000,
             fit_flagger: str | os.PathLike | None = None, flagger_set: str = "saliency",
             n_splits: int = 5, flagger_method: str | None = None) -> dict:
@@ -788,9 +836,12 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
         Seed of the bootstraps and of the classifier.
     p0 : float
         Null proportion of :func:`sign_pattern`.
-    method : str
-        Saliency method of the FLAIR/MPRAGE and rim analyses, the primary method of the
-        flagging columns of ``cohort_instances.csv`` and of ``fit_flagger``.
+    method : str, optional
+        Saliency method of the FLAIR/MPRAGE, rim and profile analyses, the primary method of
+        the flagging columns of ``cohort_instances.csv`` and of ``fit_flagger``; default:
+        SmoothGrad when the cohort has it, else the method present (a Grad-CAM++-only cohort
+        gets the rim and profile analyses of its one map, ``cam``, and no FLAIR/MPRAGE
+        comparison).
     include_log_volume : bool
         Ignored (kept for old scripts): ln(volume) is always in the baseline features.
     threshold_rule : {"f1", "youden"}
@@ -837,11 +888,7 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     if flagger_set not in ("saliency", "baseline"):
         raise InputError(f"--flagger-set must be 'saliency' or 'baseline', got {flagger_set!r}")
     instances, profiles = pool_instances(out)
-    available = sorted({c.split("_")[0] for c in instances.columns
-                        if c.endswith(("_flair_mean_in", "_mprage_mean_in"))})
-    if len(instances) and method not in available:
-        raise InputError(f"--method {method!r} has no FLAIR/MPRAGE columns in this cohort; "
-                         f"available: {', '.join(available) or 'none'}")
+    method, channel = _pick_method(instances, profiles, method)
     flagger_method = flagger_method or method
     if fit_flagger is not None and flagger_set == "saliency" \
             and flagger_method not in methods_in(instances.columns):
@@ -860,16 +907,16 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     counts = {s: int((status == s).sum()) for s in (*STATUSES, "unknown")}
     res = {
         "n_subjects": len(subjects), "subjects": subjects, "n_lesions": int(len(instances)),
-        "counts": counts, "n_boot": n_boot, "seed": seed, "method": method,
+        "counts": counts, "n_boot": n_boot, "seed": seed, "method": method, "channel": channel,
         "peak_by_status": peak_by_status(instances, n_boot=n_boot, seed=seed),
         "flair_vs_mprage": flair_vs_mprage(instances, method, n_boot, seed),
-        "sign_pattern": sign_pattern(instances, method, "flair", p0=p0),
+        "sign_pattern": sign_pattern(instances, method, channel, p0=p0),
         "flag_errors": compare_feature_sets(instances, n_splits=n_splits,
                                             inner_splits=n_splits,
                                             threshold_rule=threshold_rule, n_boot=n_boot,
                                             n_perm=n_perm, seed=seed, primary=method),
     }
-    channels = [c for c in ("flair", "mprage")
+    channels = [c for c in ("flair", "mprage", "cam")
                 if len(profiles) and ((profiles["method"] == method)
                                       & (profiles["channel"] == c)).any()]
     prof = {c: profile_by_status(profiles, method, c) for c in channels}
@@ -893,7 +940,8 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     if pooled_checks is not None:
         res["checks"] = pooled_checks
     atomic_write_text(out / "stats.json", json.dumps(_clean(res), indent=2) + "\n")
-    md = _markdown(res) + ("\n" + checks_markdown(pooled_checks) if pooled_checks else "")
+    md = _markdown(res, figures) + ("\n" + checks_markdown(pooled_checks)
+                                    if pooled_checks else "")
     atomic_write_text(out / "stats.md", md)
     if figures:
         _cohort_report(out, instances, prof, res)
@@ -924,8 +972,9 @@ def _cohort_report(out: Path, instances: pd.DataFrame, prof: dict, res: dict) ->
     figs = cohort_figures(out / "figures", instances, prof, res)
     fe = res["flag_errors"]
     keep = [c for c in ("subject", "label", "status", "volume_mm3", "prob_max",
-                        f"{res['method']}_flair_peak_max", f"{res['method']}_flair_peak_min",
-                        f"{res['method']}_flair_mean_in", f"{res['method']}_flair_share")
+                        *(f"{res['method']}_{res['channel']}_{q}"
+                          for q in ("peak_max", "peak_min", "mean_in")),
+                        f"{res['method']}_flair_share")
             if c in instances]
     table = instances[keep].copy()
     if fe["status"] == "ok":
