@@ -242,3 +242,48 @@ def test_analyze_gradcampp_only_cohort_uses_the_method_present(tmp_path, capsys)
                      "--no-figures"]) == 2
     assert _err(capsys) == ("instance-saliency: error: --method smoothgrad: no smoothgrad maps "
                             "in this cohort; present: gradcampp")
+
+
+# ------------------------------------------------------------------------------------------
+# model folder errors
+
+
+NNUNET = ROOT / "tests" / "data" / "nnunet" / "Dataset501_MSLesionFlairT1" / \
+    "nnUNetTrainer_ISFixture__nnUNetPlans_tiny__3d_fullres"
+
+
+def test_model_given_as_a_file_names_its_folder(tmp_path, capsys):
+    from instance_saliency.errors import ModelError
+    from instance_saliency.models import model_kind
+
+    with pytest.raises(ModelError) as e:
+        model_kind(NNUNET / "fold_0" / "checkpoint_final.pth")
+    assert str(e.value) == (f"--model {NNUNET / 'fold_0' / 'checkpoint_final.pth'} is a file; "
+                            f"give the model folder that holds it: --model {NNUNET}")
+    f = _save(tmp_path / "flair.nii.gz", np.ones((4, 4, 4), np.float32))
+    with pytest.raises(ModelError, match=r"is a file; give the model folder \(an "
+                       r"instance-saliency checkpoint folder with config.json"):
+        model_kind(f)
+
+
+def test_checkpoint_folder_without_config_names_the_file(tmp_path):
+    from instance_saliency.errors import ModelError
+    from instance_saliency.models import model_kind
+
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError) as e:
+        model_kind(tmp_path)
+    assert str(e.value) == f"model folder {tmp_path} has model.safetensors but no config.json"
+
+
+def test_state_dict_mismatch_is_described_in_one_line():
+    import torch
+
+    from instance_saliency.models.nnunet import describe_state_dict_mismatch
+
+    net = {"a.weight": torch.zeros(4, 2, 3), "a.bias": torch.zeros(4), "b": torch.zeros(1)}
+    got = {"a.weight": torch.zeros(3, 2, 3), "a.bias": torch.zeros(3), "c": torch.zeros(1)}
+    assert describe_state_dict_mismatch(net, got) == (
+        "a.weight has shape (3, 2, 3) in the file, (4, 2, 3) in the network (2 tensors differ "
+        "in shape); 1 weight(s) missing, e.g. b; 1 unexpected weight(s), e.g. c")
+    assert describe_state_dict_mismatch(net, dict(net)) == ""

@@ -338,7 +338,7 @@ def test_error_truncated_weights(ckpt):
     (ckpt / WEIGHTS_NAME).write_bytes(raw[: len(raw) - 100])
     with pytest.raises(ModelError) as e:
         load_checkpoint(ckpt)
-    _one_line(e, ckpt / WEIGHTS_NAME, "not a valid safetensors file")
+    _one_line(e, ckpt / WEIGHTS_NAME, "is truncated or damaged (an incomplete safetensors file)")
 
 
 def test_error_missing_and_unexpected_key(ckpt):

@@ -396,9 +396,10 @@ def _bad_ckpt_evil(folder):
 
 BAD_FOLDERS = {
     "no_plans": (lambda d: (d / "plans.json").unlink(), {},
-                 r"is not a model folder: expected config.json .* or dataset.json \+ plans.json"),
+                 r"nnU-Net model folder \S+ has dataset.json, fold_0/, fold_1/ but no plans.json"),
     "no_dataset_json": (lambda d: (d / "dataset.json").unlink(), {},
-                        r"is not a model folder"),
+                        r"nnU-Net model folder \S+ has plans.json, fold_0/, fold_1/ but no "
+                        r"dataset.json$"),
     "plans_not_json": (lambda d: (d / "plans.json").write_text("{oops"), {},
                        r"plans.json is not valid JSON"),
     "fold_missing": (None, {"folds": ["3"]},
@@ -408,13 +409,16 @@ BAD_FOLDERS = {
     "best_checkpoint_missing": (None, {"checkpoint": "checkpoint_best.pth"},
                                 r"has no fold_\*/checkpoint_best.pth"),
     "corrupt_checkpoint": (_bad_ckpt_truncated, {"folds": ["0"]},
-                           r"checkpoint_final.pth is not a readable PyTorch checkpoint"),
+                           r"checkpoint_final.pth is truncated or damaged \(an incomplete "
+                           r"PyTorch checkpoint\); copy or download it again$"),
     "malicious_checkpoint": (_bad_ckpt_evil, {"folds": ["0"]}, r"refused: the checkpoint needs "
                              r"code or types outside the allow-list"),
     "channel_count_mismatch": (lambda d: _edit_json(d / "dataset.json",
                                                     channel_names={"0": "FLAIR"}),
                                {"images": {"FLAIR": 0}},
-                               r"does not fit the network of plans.json"),
+                               r"does not fit the network built from plans.json: "
+                               r"\S+ has shape \(\d+, 2, 3, 3, 3\) in the file, "
+                               r"\(\d+, 1, 3, 3, 3\) in the network"),
     "region_labels": (lambda d: _edit_json(d / "dataset.json",
                                            labels={"background": 0, "lesion": [1, 2]}), {},
                       r"region-based labels .* are not supported"),

@@ -43,18 +43,40 @@ def model_kind(spec: str | os.PathLike | None) -> str:
     from .nnunet import is_nnunet_folder
 
     p = Path(spec)
+    if p.is_file():
+        raise ModelError(f"--model {p} is a file; give the model folder{_folder_hint(p)}")
     if not p.is_dir():
         raise ModelError(f"model folder not found: {p}")
     if (p / CONFIG_NAME).is_file():
         return "checkpoint"
     if is_nnunet_folder(p):
         return "nnunet"
+    # a model folder with one of its files missing: name the file
+    if (p / WEIGHTS_NAME).is_file():
+        raise ModelError(f"model folder {p} has {WEIGHTS_NAME} but no {CONFIG_NAME}")
+    nn = [n for n in ("dataset.json", "plans.json") if (p / n).is_file()]
+    folds = sorted(d.name for d in p.glob("fold_*") if d.is_dir())
+    if nn or folds:
+        missing = [n for n in ("dataset.json", "plans.json") if n not in nn]
+        have = ", ".join(nn + [f"{f}/" for f in folds[:3]])
+        raise ModelError(f"nnU-Net model folder {p} has {have} but no {' or '.join(missing)}")
     inner = sorted(d.name for d in p.iterdir() if d.is_dir() and is_nnunet_folder(d))
     hint = (f"; it contains nnU-Net model folder(s) {', '.join(inner[:4])}: pass one of them"
             if inner else "")
     raise ModelError(f"{p} is not a model folder: expected {CONFIG_NAME} + {WEIGHTS_NAME} "
                      f"(instance-saliency checkpoint) or dataset.json + plans.json + "
                      f"fold_N/checkpoint_final.pth (nnU-Net v2 trained model){hint}")
+
+
+def _folder_hint(file: Path) -> str:
+    """`` (e.g. DIR)`` naming the model folder that holds ``file``, when there is one."""
+    from .nnunet import is_nnunet_folder
+
+    for d in (file.parent, file.parent.parent):
+        if (d / CONFIG_NAME).is_file() or is_nnunet_folder(d):
+            return f" that holds it: --model {d}"
+    return (" (an instance-saliency checkpoint folder with config.json + model.safetensors, or "
+            "an nnU-Net v2 trained-model folder with dataset.json, plans.json, fold_N/)")
 
 
 def load_model(spec: str | os.PathLike | None = None, device="cpu", *, folds=None,

@@ -187,7 +187,12 @@ def _load_network(folder: Path, cfg: ModelConfig, cfg_path: Path) -> torch.nn.Mo
     try:
         state = load_file(str(w_path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ModelError(f"{w_path} is not a valid safetensors file ({e})") from None
+        text = " ".join(str(e).split())
+        if any(k in text for k in ("incomplete metadata", "not fully covered", "too small",
+                                   "unexpected end")):
+            raise ModelError(f"{w_path} is truncated or damaged (an incomplete safetensors "
+                             "file); copy or download it again") from None
+        raise ModelError(f"{w_path} is not a valid safetensors file ({text[:100]})") from None
     expected = model.state_dict()
     for k, src in _aliases(expected).items():  # second names of shared tensors
         if k not in state and src in state:

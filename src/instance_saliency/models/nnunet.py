@@ -108,6 +108,43 @@ def _safe_globals() -> list:
     return allow
 
 
+def _unreadable_reason(e: BaseException) -> str:
+    """Why ``torch.load`` could not read a file, in words (no internal library text)."""
+    text = " ".join(str(e).split())
+    if isinstance(e, EOFError) or any(k in text for k in (
+            "central directory", "failed reading zip archive", "unexpected EOF",
+            "Ran out of input", "truncated", "file read failed")):
+        return ("is truncated or damaged (an incomplete PyTorch checkpoint); copy or download "
+                "it again")
+    if isinstance(e, OSError):
+        return f"cannot be read ({e.strerror or type(e).__name__})"
+    first = text[:100] + ("…" if len(text) > 100 else "")
+    return f"is not a readable PyTorch checkpoint ({first or type(e).__name__})"
+
+
+def describe_state_dict_mismatch(expected: dict, state: dict) -> str:
+    """One line on how ``state`` (loaded weights) differs from ``expected`` (the network's).
+
+    Names the first tensor whose shape differs (both shapes) and counts the missing and
+    unexpected keys; empty when they match.
+    """
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shape = [k for k in expected if k in state and hasattr(state[k], "shape")
+             and tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if shape:
+        k = shape[0]
+        parts.append(f"{k} has shape {tuple(state[k].shape)} in the file, "
+                     f"{tuple(expected[k].shape)} in the network"
+                     + (f" ({len(shape)} tensors differ in shape)" if len(shape) > 1 else ""))
+    if missing:
+        parts.append(f"{len(missing)} weight(s) missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected weight(s), e.g. {unexpected[0]}")
+    return "; ".join(parts)
+
+
 def load_checkpoint_safely(path: str | os.PathLike) -> dict:
     """Read an nnU-Net checkpoint without running code from it.
 
@@ -134,8 +171,7 @@ def load_checkpoint_safely(path: str | os.PathLike) -> dict:
                          f"allow-list of plain nnU-Net contents{what}; nothing was run") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
             AttributeError, TypeError, IndexError) as e:
-        first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise ModelError(f"{p} is not a readable PyTorch checkpoint ({first})") from None
+        raise ModelError(f"{p} {_unreadable_reason(e)}") from None
     if not isinstance(obj, dict) or "network_weights" not in obj:
         raise ModelError(f"{p} is not an nnU-Net checkpoint (no 'network_weights')")
     return obj
@@ -515,12 +551,15 @@ def load_nnunet_model(folder: str | os.PathLike, device: str | torch.device = "c
         sd = ck["network_weights"]
         if not isinstance(sd, dict):
             raise ModelError(f"{folder}/fold_{f}/{checkpoint}: network_weights is not a state dict")
+        why = describe_state_dict_mismatch(net.state_dict(), sd)
         try:
+            if why:
+                raise RuntimeError(why)
             net.load_state_dict(sd, strict=True)
         except RuntimeError as e:
-            first_line = " ".join(str(e).split())[:200]
-            raise ModelError(f"{folder}/fold_{f}/{checkpoint} does not fit the network of "
-                             f"plans.json ({first_line})") from None
+            why = why or " ".join(str(e).split())[:160]
+            raise ModelError(f"{folder}/fold_{f}/{checkpoint} does not fit the network built "
+                             f"from plans.json: {why}") from None
         nets.append((f"fold_{f}", net.to(device).eval()))
     axes = first.get("inference_allowed_mirroring_axes") if mirroring else None
     axes = tuple(int(a) for a in axes) if axes else ()
