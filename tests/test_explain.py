@@ -111,7 +111,14 @@ def test_outputs_exist_and_rows_match_components(case):
 def test_maps_on_input_grid_and_csv_recomputed(case):
     run = case["run"]
     ref = nib.load(str(case["inputs"]["flair"]))
-    table = pd.read_csv(run / "instances.csv").set_index("label")
+    table = pd.read_csv(run / "instances_full.csv").set_index("label")
+    # the user-facing table is the same, rounded (4 significant digits of saliency, ...)
+    from instance_saliency._format import round_table
+
+    shown = pd.read_csv(run / "instances.csv").set_index("label")
+    pd.testing.assert_frame_equal(shown, round_table(table), check_dtype=False, rtol=1e-12)
+    assert shown["smoothgrad_flair_mean_in"].map(lambda v: len(f"{abs(v):.15g}".replace(
+        ".", "").lstrip("0")) <= 4).all()
     labels = np.asarray(nib.load(str(run / "instances.nii.gz")).dataobj)
     gt = np.asarray(nib.load(str(case["inputs"]["mask"])).dataobj) > 0
     glab = cc3d.connected_components(gt.astype(np.uint8), connectivity=26)

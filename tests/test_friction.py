@@ -287,3 +287,177 @@ def test_state_dict_mismatch_is_described_in_one_line():
         "a.weight has shape (3, 2, 3) in the file, (4, 2, 3) in the network (2 tensors differ "
         "in shape); 1 weight(s) missing, e.g. b; 1 unexpected weight(s), e.g. c")
     assert describe_state_dict_mismatch(net, dict(net)) == ""
+
+
+# ------------------------------------------------------------------------------------------
+# explain and predict on a small synthetic brain (tissue classes in T1 / FLAIR order)
+
+
+def _ball(n, c, r):
+    g = np.indices((n,) * 3).astype(float)
+    return ((g - np.asarray(c, float)[:, None, None, None]) ** 2).sum(0) <= r * r
+
+
+def brain_scan(n=28, seed=0):
+    """FLAIR, T1 and lesion mask of a synthetic brain: CSF 15 %, GM 40 %, WM 45 % of voxels,
+    T1 order CSF < GM < WM, FLAIR order CSF (suppressed) < WM < GM < lesions; two lesions of 33 voxels,
+    one 2-voxel ground-truth speck."""
+    rng = np.random.default_rng(seed)
+    brain = _ball(n, (n // 2,) * 3, n // 2 - 1)
+    u = rng.random((n,) * 3)
+    tissue = np.where(u < 0.15, 0, np.where(u < 0.55, 1, 2))
+    t1 = np.choose(tissue, [0.35, 0.6, 0.9]) + rng.normal(0, 0.03, (n,) * 3)
+    fl = np.choose(tissue, [0.1, 0.75, 0.62]) + rng.normal(0, 0.03, (n,) * 3)
+    mask = np.zeros((n,) * 3, np.uint8)
+    for c in ((9, 9, 14), (19, 17, 12)):
+        b = _ball(n, c, 2)
+        fl[b], t1[b], mask[b] = 1.6, 0.5, 1
+    mask[14, 20, 20:22] = 1  # below --min-size 3: not a lesion on either side
+    fl, t1 = (np.where(brain, a, 0).astype(np.float32) for a in (fl, t1))
+    return fl, t1, mask
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from _helpers import Detector
+
+    from instance_saliency import models
+    from instance_saliency.models import ModelConfig, save_checkpoint
+
+    arch = "test_friction_detector"
+    models.ARCHITECTURES[arch] = Detector
+    root = tmp_path_factory.mktemp("synth")
+    fl, t1, mask = brain_scan()
+    files = {"flair": _save(root / "flair.nii.gz", fl), "t1": _save(root / "t1.nii.gz", t1),
+             "mask": _save(root / "mask.nii.gz", mask)}
+    save_checkpoint(root / "model", Detector(), ModelConfig(arch, roi_size=[16, 16, 16]))
+    yield {"root": root, **files, "model": root / "model"}
+    models.ARCHITECTURES.pop(arch, None)
+
+
+FAST = ["--methods", "smoothgrad", "--n-samples", "1", "--no-figures", "--quiet"]
+
+
+def _explain(synth, out, *extra, flair=None, t1=None):
+    return cli.main(["explain", "--flair", str(flair or synth["flair"]), "--mprage",
+                     str(t1 or synth["t1"]), "--mask", str(synth["mask"]), "--model",
+                     str(synth["model"]), "--out", str(out), *FAST, *extra])
+
+
+def test_channel_order_check_on_tissue_order():
+    from instance_saliency.input_checks import channel_order_check
+
+    fl, t1, _ = brain_scan()
+    ok = channel_order_check(np.stack([fl, t1]), ["FLAIR", "MPRAGE"])
+    assert ok["swapped_suspected"] is False
+    assert ok["t1"]["mode_position"] > ok["flair"]["mode_position"] + 0.05
+    bad = channel_order_check(np.stack([t1, fl]), ["FLAIR", "T1"])
+    assert bad["swapped_suspected"] is True
+    assert channel_order_check(np.stack([fl]), ["FLAIR"]) is None  # no pair to compare
+
+
+def test_explain_warns_before_the_work_when_channels_look_swapped(synth, tmp_path, capsys):
+    assert _explain(synth, tmp_path / "ok") == 0
+    cap = capsys.readouterr()
+    assert "look swapped" not in cap.err
+    run = json.loads((tmp_path / "ok" / "run.json").read_text())
+    assert run["checks"]["channel_order"]["swapped_suspected"] is False
+    assert _explain(synth, tmp_path / "swapped", flair=synth["t1"], t1=synth["flair"]) == 0
+    cap = capsys.readouterr()
+    warn = [ln for ln in cap.err.splitlines() if "look swapped" in ln]
+    assert len(warn) == 1 and warn[0].startswith("instance-saliency: warning: the FLAIR and "
+                                                 "MPRAGE images look swapped")
+    out = cap.out.splitlines()
+    assert out.index("predicting (sliding window)") > 0  # the warning came before the work
+    run = json.loads((tmp_path / "swapped" / "run.json").read_text())
+    assert run["checks"]["channel_order"]["swapped_suspected"] is True
+
+
+def test_explain_prints_plan_expected_time_and_every_step(synth, tmp_path, capsys):
+    assert _explain(synth, tmp_path / "run", "--methods", "smoothgrad,gradcampp",
+                    "--cam-layer", "act") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("explain: SmoothGrad with N = 1 noise samples (--n-samples; "
+                               "explain default 50 as in the seed paper, demo 4)")
+    assert "1 network(s) (model) = 1 pass(es) per window" in lines[0]
+    steps = ["predicting (sliding window)", "lesion instance(s)", "SmoothGrad: ",
+             "Grad-CAM++: ", "quantifying and writing the maps"]
+    pos = [next(i for i, ln in enumerate(lines) if s in ln) for s in steps]
+    assert pos == sorted(pos)
+    inst = lines[pos[1]]
+    assert "expected about" in inst and "rough, scaled from the prediction time" in inst
+    assert lines[-1].split(";")[0].endswith("explained (2 TP)")  # speck below --min-size
+
+
+def test_expected_time_uses_the_demo_ratios():
+    from instance_saliency.explain import ExplainConfig, expected_seconds
+
+    t = expected_seconds(58, 8.0, ExplainConfig(n_samples=4))
+    assert t["smoothgrad"] == pytest.approx(442) and t["gradcampp"] == pytest.approx(122)
+    t50 = expected_seconds(58, 8.0, ExplainConfig())
+    assert t50["smoothgrad"] == pytest.approx(442 * 50 / 4)
+
+
+def test_one_size_rule_no_fn_below_min_size(synth, tmp_path):
+    assert _explain(synth, tmp_path / "r") == 0
+    t = pd.read_csv(tmp_path / "r" / "instances.csv")
+    assert sorted(t.status) == ["TP", "TP"] and (t.voxels >= 3).all()
+    assert _explain(synth, tmp_path / "r0", "--min-size", "0") == 0
+    t0 = pd.read_csv(tmp_path / "r0" / "instances.csv")
+    assert sorted(t0.status) == ["FN", "TP", "TP"] and t0[t0.status == "FN"].voxels.item() == 2
+
+
+def test_predict_and_explain_write_the_same_mask(synth, tmp_path, capsys):
+    assert _explain(synth, tmp_path / "e") == 0
+    rc = cli.main(["predict", "--flair", str(synth["flair"]), "--mprage", str(synth["t1"]),
+                   "--model", str(synth["model"]), "--out", str(tmp_path / "p"), "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert f"predict: model {synth['model']}: 1 network(s) (model) = 1 pass(es) per window" in out
+    a = np.asarray(nib.load(str(tmp_path / "e" / "prediction_mask.nii.gz")).dataobj)
+    b = np.asarray(nib.load(str(tmp_path / "p" / "prediction_mask.nii.gz")).dataobj)
+    assert a.sum() > 0 and np.array_equal(a, b)
+    run = json.loads((tmp_path / "p" / "run.json").read_text())
+    assert run["command"] == "predict" and run["parameters"]["min_size"] == 3
+    assert run["summary"]["lesion_voxels"] == int(b.sum()) == int(a.sum())
+    assert set(run["inputs"]) == {"flair", "mprage"} and run["inputs"]["flair"]["sha256"]
+    assert [m["name"] for m in run["model"]["members"]] == ["model"]
+    # a larger --min-size removes components in predict as in explain
+    rc = cli.main(["predict", "--flair", str(synth["flair"]), "--mprage", str(synth["t1"]),
+                   "--model", str(synth["model"]), "--out", str(tmp_path / "big.nii.gz"),
+                   "--quiet", "--min-size", "1000"])
+    assert rc == 0 and not np.asarray(nib.load(str(tmp_path / "big.nii.gz")).dataobj).any()
+    assert json.loads((tmp_path / "big_run.json").read_text())["summary"]["lesions"] == 0
+
+
+def test_predict_refuses_a_finished_explain_run(synth, tmp_path, capsys):
+    run = tmp_path / "e"
+    assert _explain(synth, run) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    argv = ["predict", "--flair", str(synth["flair"]), "--mprage", str(synth["t1"]), "--model",
+            str(synth["model"]), "--out", str(run), "--quiet"]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    assert _err(capsys) == (f"instance-saliency: error: output folder {run} holds a finished "
+                            "explain run (run.json); use --overwrite to replace it, or choose "
+                            "another --out")
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+    assert cli.main([*argv, "--overwrite"]) == 0  # replaced as a whole, not mixed
+    assert sorted(p.name for p in run.iterdir()) == ["prediction_mask.nii.gz",
+                                                     "prediction_prob.nii.gz", "run.json"]
+    assert json.loads((run / "run.json").read_text())["command"] == "predict"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_csv_rounded_with_full_precision_beside(synth, tmp_path):
+    from instance_saliency._format import round_table
+
+    assert _explain(synth, tmp_path / "r") == 0
+    full = pd.read_csv(tmp_path / "r" / "instances_full.csv")
+    shown = pd.read_csv(tmp_path / "r" / "instances.csv")
+    pd.testing.assert_frame_equal(shown, round_table(full), check_dtype=False)
+    rows = (tmp_path / "r" / "instances.csv").read_text().splitlines()[1:]
+    assert max(len(x) for r in rows for x in r.split(",")) <= 12  # no 17-digit floats
+    v = full["smoothgrad_flair_mean_in"].iloc[0]
+    assert shown["smoothgrad_flair_mean_in"].iloc[0] == float(f"{v:.4g}")
+    assert (tmp_path / "r" / "profiles_full.csv").is_file()

@@ -247,57 +247,130 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def _run_command(run_file: Path) -> str:
+    """The command that wrote a ``run.json`` (``explain`` for runs that do not say)."""
+    import json
+
+    try:
+        return str(json.loads(run_file.read_text()).get("command") or "explain")
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+
+
 def cmd_predict(a) -> int:
+    import json
+    import time
+
     import numpy as np
     import torch
 
+    from . import datasets
+    from .input_checks import channel_order_check, swap_warning
+    from .explain import (RUN_FILE, _networks_text, _versions, commit_output, prepare_output)
     from .inference import sliding_window_logits
-    from .io import load_images, save_map
+    from .instances import connected_components
+    from .io import atomic_write_text, load_images, save_map
     from .models.base import check_lesion_class
     from .models.channels import match_channels, parse_image_options
 
+    t_all = time.time()
     images = parse_image_options(a.image, a.flair, a.mprage)
     if a.sw_batch_size < 1:
         raise InputError("--sw-batch-size must be at least 1")
     if a.threshold is not None and not (0 < a.threshold < 1):
         raise InputError("--threshold must lie strictly between 0 and 1")
+    if not (a.min_size >= 0 and a.min_size < float("inf")):
+        raise InputError("--min-size must be a finite number >= 0")
     model = _load_model_from_args(a)
     ordered = match_channels(model.channels, images,
                              f"model {a.model}" if a.model else "the shipped model")
     s = load_images(ordered, model.channels)
     out = Path(a.out)
+    stage = None
+    inputs = tuple(ordered) + (a.model,)
     if out.name.endswith((".nii", ".nii.gz")):
         mask_path = out
         prob_path = out.with_name(out.name.replace(".nii", "_prob.nii", 1))
+        run_path = out.with_name(out.name.split(".nii")[0] + "_run.json")
     else:
         if out.exists() and not out.is_dir():
             raise OutputError(f"output {out} exists and is not a folder")
-        mask_path, prob_path = out / "prediction_mask.nii.gz", out / "prediction_prob.nii.gz"
-    for p in (mask_path, prob_path):
+        if (out / RUN_FILE).is_file() and _run_command(out / RUN_FILE) != "predict":
+            # a finished explain (or other) run: replaced as a whole with --overwrite, as
+            # explain does, never mixed with a prediction
+            if not a.overwrite:
+                raise OutputError(f"output folder {out} holds a finished "
+                                  f"{_run_command(out / RUN_FILE)} run ({RUN_FILE}); use "
+                                  "--overwrite to replace it, or choose another --out")
+            stage = prepare_output(out, True, inputs)
+        target = stage or out
+        mask_path, prob_path = target / "prediction_mask.nii.gz", target / "prediction_prob.nii.gz"
+        run_path = target / RUN_FILE
+    for p in (mask_path, prob_path, run_path):
         if any(os.path.realpath(p) == os.path.realpath(i) for i in ordered):
             raise OutputError(f"output {p} would overwrite an input; choose another --out")
-    existing = [p for p in (mask_path, prob_path) if p.exists()]
+    existing = [p for p in (mask_path, prob_path, run_path) if p.exists()]
     if existing and not a.overwrite:
         raise OutputError(f"{existing[0]} already exists; use --overwrite to replace")
+    check = channel_order_check(s.image, model.channels)
+    if swap_warning(check):
+        print(f"instance-saliency: warning: {swap_warning(check)}", file=sys.stderr)
+    print(f"predict: model {model.source}: {_networks_text(model)}")
     try:
-        prep = model.prepare(s.image, s.spacing, affine=s.affine)
-        x = torch.from_numpy(prep.x).to(a.device)
-        with torch.no_grad():
-            logits = sliding_window_logits(model.network, x[None], model.grid(prep.x.shape[1:]),
-                                           a.sw_batch_size, not a.quiet)
-        check_lesion_class(model, logits.shape[1])
-        probs = prep.probabilities(logits[0].cpu().numpy())
-    except (RuntimeError, IndexError) as e:
-        raise ModelError(f"the model ({a.model or 'shipped default'}) failed on this input: "
-                         f"{str(e).splitlines()[0]}") from None
-    prob = probs[model.lesion_class]
-    mask = model.segment(probs, a.threshold)
-    rule = f"threshold {a.threshold if a.threshold is not None else model.threshold}" \
-        if a.threshold is not None or model.decision != "argmax" else "argmax"
-    # each file is written atomically; the mask (the result) last
-    save_map(prob_path, prob, s.affine, s.header)
-    save_map(mask_path, mask.astype(np.uint8), s.affine, s.header, np.uint8)
-    print(f"{int(mask.sum())} lesion voxels ({rule}); written {mask_path}")
+        try:
+            prep = model.prepare(s.image, s.spacing, affine=s.affine)
+            x = torch.from_numpy(prep.x).to(a.device)
+            with torch.no_grad():
+                logits = sliding_window_logits(model.network, x[None],
+                                               model.grid(prep.x.shape[1:]), a.sw_batch_size,
+                                               not a.quiet)
+            check_lesion_class(model, logits.shape[1])
+            probs = prep.probabilities(logits[0].cpu().numpy())
+        except (RuntimeError, IndexError) as e:
+            raise ModelError(f"the model ({a.model or 'shipped default'}) failed on this input: "
+                             f"{str(e).splitlines()[0]}") from None
+        prob = probs[model.lesion_class]
+        # the rule of explain's prediction_mask.nii.gz: threshold (or argmax), then drop
+        # components smaller than --min-size
+        raw = model.segment(probs, a.threshold)
+        labels, n = connected_components(raw, a.connectivity, a.min_size, a.min_size_unit,
+                                         s.spacing)
+        mask = labels > 0
+        decision = "threshold" if a.threshold is not None or model.decision != "argmax" \
+            else "argmax"
+        threshold = a.threshold if a.threshold is not None else model.threshold
+        rule = (f"threshold {threshold}" if decision == "threshold" else "argmax") + \
+            f", components >= {a.min_size:g} {a.min_size_unit} ({a.connectivity}-connected)"
+        run = {
+            "instance_saliency_run": 1, "command": "predict",
+            "inputs": {k: {"path": str(Path(p).resolve()), "sha256": datasets.sha256sum(p)}
+                       for k, p in s.paths.items()},
+            "model": {"folder": str(a.model or model.source), **model.describe()},
+            "parameters": {"threshold": threshold, "decision": decision,
+                           "min_size": a.min_size, "min_size_unit": a.min_size_unit,
+                           "connectivity": a.connectivity, "device": a.device,
+                           "sw_batch_size": a.sw_batch_size,
+                           **{k: v for k, v in _model_options(a).items()}},
+            "summary": {"lesion_voxels": int(mask.sum()), "lesions": int(n),
+                        "removed_small_voxels": int(raw.sum() - mask.sum()),
+                        "shape": list(s.shape), "spacing_mm": list(s.spacing),
+                        "orientation": s.orientation, "channels": list(model.channels)},
+            "outputs": {"mask": mask_path.name, "probability": prob_path.name},
+            "checks": {"channel_order": check},
+            "versions": _versions(), "timings_s": {"total_s": round(time.time() - t_all, 2)},
+        }
+        # each file is written atomically; the mask (the result) last
+        save_map(prob_path, prob, s.affine, s.header)
+        atomic_write_text(run_path, json.dumps(run, indent=2, default=str) + "\n")
+        save_map(mask_path, mask.astype(np.uint8), s.affine, s.header, np.uint8)
+        if stage is not None:
+            commit_output(stage, out, True, inputs)
+    except BaseException:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+    shown = out / mask_path.name if stage is not None else mask_path
+    print(f"{int(mask.sum())} lesion voxels in {n} lesion(s) ({rule}); written {shown}")
     return 0
 
 
@@ -487,7 +560,9 @@ def _add_explain_options(e, **overrides) -> None:
                    help=f"comma-separated, from {','.join(METHODS)} (default: "
                    f"{','.join(d.methods)})")
     e.add_argument("--n-samples", type=int, default=d.n_samples,
-                   help=f"SmoothGrad noise samples (default {d.n_samples})")
+                   help=f"SmoothGrad noise samples N (default here {d.n_samples}; explain and "
+                   "cohort default to 50 as in the seed paper, demo to 4; the SmoothGrad time "
+                   "grows linearly with N)")
     e.add_argument("--noise-level", type=float, default=d.noise_level,
                    help="SmoothGrad sigma as a fraction of the FLAIR range (default 0.05)")
     e.add_argument("--mode", choices=("sliding", "patch"), default=d.mode,
@@ -497,7 +572,8 @@ def _add_explain_options(e, **overrides) -> None:
                    help="instance target: lesion logit summed or averaged over the lesion")
     e.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=d.connectivity)
     e.add_argument("--min-size", type=float, default=d.min_size,
-                   help="drop predicted components smaller than this (default 3)")
+                   help="components smaller than this are not lesions, in the prediction and "
+                   "in the ground truth (default 3; predict uses the same rule)")
     e.add_argument("--min-size-unit", choices=("voxels", "mm3"), default=d.min_size_unit)
     e.add_argument("--matching", choices=("overlap", "iou"), default=d.matching,
                    help="TP/FP/FN rule: any overlap (seed paper) or IoU >= --iou-threshold")
@@ -519,7 +595,8 @@ def _add_explain_options(e, **overrides) -> None:
     e.add_argument("--no-figures", action="store_true", help="skip PNG figures and report.html")
     e.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     e.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--quiet", action="store_true", help="no progress bars (the one-line "
+                   "steps, the plan and the expected time are still printed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -600,7 +677,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_options(pr)
     _add_model_options(pr)
     pr.add_argument("--out", required=True, help="output folder (or a .nii.gz mask path)")
-    pr.add_argument("--threshold", type=float, default=None)
+    pr.add_argument("--threshold", type=float, default=None,
+                    help="lesion probability threshold (default: the checkpoint's; nnU-Net: "
+                    "argmax)")
+    pr.add_argument("--min-size", type=float, default=3,
+                    help="drop predicted components smaller than this (default 3, as explain: "
+                    "both write the same prediction_mask.nii.gz)")
+    pr.add_argument("--min-size-unit", choices=("voxels", "mm3"), default="voxels")
+    pr.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=26,
+                    help="connectivity of the components of the size filter (default 26)")
     pr.add_argument("--sw-batch-size", type=int, default=4)
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--overwrite", action="store_true", help="replace existing outputs")

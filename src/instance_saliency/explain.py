@@ -32,7 +32,8 @@ CAM_METHODS = ("gradcampp", "hirescam")
 RUN_FILE = "run.json"
 #: everything a run writes into its folder (anything else there belongs to the user)
 RUN_ENTRIES = {"prediction_prob.nii.gz", "prediction_mask.nii.gz", "instances.nii.gz",
-               "saliency", "instances.csv", "profiles.csv", "figures", "report.html",
+               "saliency", "instances.csv", "profiles.csv", "instances_full.csv",
+               "profiles_full.csv", "figures", "report.html",
                RUN_FILE}
 
 
@@ -363,6 +364,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
     import torch
 
     from . import datasets
+    from ._format import round_table
     from .inference import sliding_window_logits
     from .instances import find_instances
     from .io import atomic_write_text, load_images, save_map
@@ -413,8 +415,15 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
     stage = prepare_output(out, overwrite, inputs)
     for w in model.warnings if loaded_here else ():
         log(f"warning: {w}")
+    from .input_checks import channel_order_check, swap_warning
+
+    order_check = channel_order_check(subj.image, model.channels)
+    if swap_warning(order_check):
+        log(f"warning: {swap_warning(order_check)}")
+    log(run_plan(cfg, model, cam_layer))
     try:
         t0 = time.time()
+        log("predicting (sliding window)")
         prep = model.prepare(subj.image, subj.spacing, affine=subj.affine)
         xt = torch.from_numpy(prep.x).to(cfg.device)
         grid = model.grid(prep.x.shape[1:])
@@ -438,6 +447,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
             raise InputError(f"{len(iset.instances)} lesion instances exceed the limit of "
                              f"{cfg.max_instances}; raise --min-size or --max-instances")
         kept = iset.pred_labels > 0
+        log(_instances_line(iset.instances, timings["predict_s"], cfg, model))
         save_map(stage / "prediction_prob.nii.gz", prob, subj.affine, subj.header)
         save_map(stage / "prediction_mask.nii.gz", kept.astype(np.uint8), subj.affine,
                  subj.header, np.uint8)
@@ -457,15 +467,22 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
         net_masks = [prep.to_net(m) for m in masks]
         usable = [k for k, nm in enumerate(net_masks) if nm.any()]
         skipped = [insts[k].label for k in range(len(insts)) if k not in usable]
-        if skipped:
-            log(f"warning: lesion(s) {skipped} lie outside the region the model sees "
+        lost = _lost_in_resampling(prep, [masks[k] for k in range(len(insts))
+                                          if k not in usable], skipped)
+        outside = [lab for lab in skipped if lab not in lost]
+        if outside:
+            log(f"warning: lesion(s) {outside} lie outside the region the model sees "
                 "(nnU-Net's crop to non-zero voxels); no saliency for them")
+        if lost:
+            log(f"warning: lesion(s) {lost} are too small to survive the resampling onto the "
+                f"network's grid ({_spacing_text(prep)}); no saliency for them")
         targets = [InstanceTarget(net_masks[k], model.lesion_class, cfg.reduction,
                                   name=f"lesion_{insts[k].label:03d}") for k in usable]
         results: dict = {}
         if targets:
             if "smoothgrad" in cfg.methods:
                 t0 = time.time()
+                log(f"SmoothGrad: {len(targets)} instance(s) x N = {cfg.n_samples}")
                 results["smoothgrad"] = smoothgrad(
                     model, xt, targets, mode=cfg.mode, grid=grid, roi_size=model.roi_size,
                     overlap=model.overlap, n_samples=cfg.n_samples, noise_level=cfg.noise_level,
@@ -476,6 +493,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
                 if method not in cfg.methods:
                     continue
                 t0 = time.time()
+                log(f"Grad-CAM++: {len(targets)} instance(s) at {cam_layer}")
                 try:
                     results[method] = fn(
                         model, xt, targets, cam_layer, mode=cfg.mode, grid=grid,
@@ -485,6 +503,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
                     raise InputError(f"{METHOD_LABELS[method]}: {e}") from None
                 timings[f"{method}_s"] = round(time.time() - t0, 2)
         t0 = time.time()
+        log("quantifying and writing the maps")
         sg_chans = [column_name(c) for c in model.channels]
         profiles = []
         dense_cache: dict = {}
@@ -524,8 +543,11 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
             table = apply_flagger(flagger, table)
         prof = pd.DataFrame(profiles, columns=["label", "status", "method", "channel",
                                                "distance_mm", "mean", "voxels"])
-        atomic_write_text(stage / "instances.csv", table.to_csv(index=False))
-        atomic_write_text(stage / "profiles.csv", prof.to_csv(index=False))
+        # rounded to what the numbers support (README "Outputs"); full precision beside them
+        atomic_write_text(stage / "instances.csv", round_table(table).to_csv(index=False))
+        atomic_write_text(stage / "profiles.csv", round_table(prof).to_csv(index=False))
+        atomic_write_text(stage / "instances_full.csv", table.to_csv(index=False))
+        atomic_write_text(stage / "profiles_full.csv", prof.to_csv(index=False))
         timings["quantify_s"] = round(time.time() - t0, 2)
         counts = {s: int((table["status"] == s).sum()) if len(table) else 0
                   for s in ("TP", "FP", "FN", "unknown")}
@@ -542,12 +564,13 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
                 f"{n_flag} (this flagger keeps all lesions: {flagger.get('keep_all_reason')})")
         if cfg.figures:
             t0 = time.time()
+            log("figures and report.html")
             _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
                      list(model.channels))
             timings["figures_s"] = round(time.time() - t0, 2)
         timings["total_s"] = round(time.time() - t_all, 2)
         run = {
-            "instance_saliency_run": 1,
+            "instance_saliency_run": 1, "command": "explain",
             "inputs": {k: {"path": str(Path(p).resolve()), "sha256": datasets.sha256sum(p)}
                        for k, p in subj.paths.items()},
             "model": {"folder": str(model_dir or model.source), **model.describe()},
@@ -557,8 +580,11 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
             "summary": summary, "timings_s": timings, "versions": _versions(),
             "seed": cfg.seed, "torch_threads": torch.get_num_threads(),
         }
-        if skipped:
-            run["no_saliency_outside_network_region"] = skipped
+        if outside:
+            run["no_saliency_outside_network_region"] = outside
+        if lost:
+            run["no_saliency_lost_in_resampling"] = lost
+        run["checks"] = {"channel_order": order_check}
         if flagger is not None:
             run["flagger"] = {"path": str(Path(cfg.flagger).resolve()),
                               "sha256": datasets.sha256sum(cfg.flagger),
@@ -635,3 +661,103 @@ def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
     write_report(stage / "report.html", "instance-saliency report", summary,
                  table[shown[:k] + flag_cols + shown[k:]], summary_figs + figs,
                  notes=[f"parameters: {asdict(cfg)}"])
+
+
+#: measured on the demo (README "Demo": shipped model, 2 CPU cores, 58 instances, N = 4):
+#: seconds per instance and noise sample of SmoothGrad, and per instance of Grad-CAM++, as a
+#: multiple of the time of the prediction (one sliding-window pass over the whole scan)
+_COST_SMOOTHGRAD = 442 / (58 * 4) / 8
+_COST_GRADCAMPP = 122 / 58 / 8
+#: seconds per instance of quantification, NIfTI writing and figures (demo: 58 s / 58)
+_COST_WRITE_S = 1.0
+
+
+def _networks_text(model) -> str:
+    """E.g. ``"2 networks (fold_0, fold_1) x 8 mirrorings = 16 passes per window"``."""
+    from .models.base import distinct_networks
+
+    nets = distinct_networks(model.members)
+    names = []
+    for m in model.members:
+        base = m.name.split(" ")[0]
+        if base not in names:
+            names.append(base)
+    n_mirror = max(1, len(model.members) // max(1, len(nets)))
+    text = f"{len(nets)} network(s) ({', '.join(names[:6])}{', …' if len(names) > 6 else ''})"
+    if n_mirror > 1:
+        text += f" x {n_mirror} mirrorings"
+    return text + f" = {len(model.members)} pass(es) per window"
+
+
+def run_plan(cfg: ExplainConfig, model, cam_layer=None) -> str:
+    """The line printed at the start of a run: methods, N, the model's members.
+
+    N matters most for the run time: ``explain`` defaults to the seed paper's N = 50,
+    ``demo`` uses 4.
+    """
+    parts = []
+    if "smoothgrad" in cfg.methods:
+        parts.append(f"SmoothGrad with N = {cfg.n_samples} noise samples (--n-samples; explain "
+                     f"default 50 as in the seed paper, demo 4), sigma = {cfg.noise_level}")
+    if "gradcampp" in cfg.methods:
+        parts.append(f"Grad-CAM++ at {cam_layer or cfg.cam_layer or 'the default layer'}")
+    return (f"explain: {'; '.join(parts)}; {cfg.mode} mode; model {model.source}: "
+            f"{_networks_text(model)}")
+
+
+def expected_seconds(n_instances: int, predict_s: float, cfg: ExplainConfig) -> dict:
+    """Rough run time of the rest of a run, scaled from the prediction time.
+
+    Returns
+    -------
+    dict
+        Seconds per step (``smoothgrad``, ``gradcampp``, ``write``) and ``total``. The
+        ratios are the demo's measured ones (:data:`_COST_SMOOTHGRAD`, ...); lesions that
+        touch more windows, a busy machine or ``--mode patch`` change them.
+    """
+    t = {}
+    if "smoothgrad" in cfg.methods:
+        t["smoothgrad"] = _COST_SMOOTHGRAD * predict_s * n_instances * cfg.n_samples
+    if "gradcampp" in cfg.methods:
+        t["gradcampp"] = _COST_GRADCAMPP * predict_s * n_instances
+    t["write"] = _COST_WRITE_S * n_instances
+    t["total"] = sum(t.values())
+    return t
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else (f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h")
+
+
+def _instances_line(insts, predict_s: float, cfg: ExplainConfig, model) -> str:
+    counts = {}
+    for i in insts:
+        counts[i.status] = counts.get(i.status, 0) + 1
+    what = ", ".join(f"{v} {k}" for k, v in counts.items())
+    if not insts:
+        return f"prediction took {predict_s:.0f} s; no lesion instances"
+    t = expected_seconds(len(insts), predict_s, cfg)
+    names = {"smoothgrad": "SmoothGrad", "gradcampp": "Grad-CAM++"}
+    steps = ", ".join(f"{names[k]} ~{_duration(v)}" for k, v in t.items() if k in names)
+    return (f"{len(insts)} lesion instance(s) ({what}); prediction took {predict_s:.0f} s; "
+            f"expected about {_duration(t['total'])} more ({steps}; rough, scaled from the "
+            f"prediction time by the demo's ratios)")
+
+
+def _spacing_text(prep) -> str:
+    m = prep.mapping or {}
+    a, b = m.get("original_spacing_zyx"), m.get("network_spacing")
+    if a is None or b is None:
+        return "resampled"
+    fmt = lambda v: " x ".join(f"{float(x):g}" for x in v)  # noqa: E731
+    return f"{fmt(a)} mm -> {fmt(b)} mm"
+
+
+def _lost_in_resampling(prep, masks, labels) -> list:
+    """Labels of the instances (``masks`` on the user's grid, none of which reaches the
+    network grid) that lie inside the region the model sees: they vanished in the resampling
+    onto the network's grid rather than being cropped away."""
+    if not labels or not (prep.mapping or {}).get("resampled"):
+        return []
+    seen = prep.to_user(np.ones((1,) + tuple(prep.x.shape[1:]), dtype=np.float32))[0] > 0.5
+    return [lab for lab, m in zip(labels, masks) if (m & seen).any()]

@@ -480,9 +480,11 @@ def find_instances(pred_mask, gt_mask=None, affine=None, spacing=None, connectiv
     connectivity : {6, 18, 26}
         Neighbourhood for both predicted and ground-truth components.
     min_size, min_size_unit
-        Size filter applied to *predicted* components only (see
-        :func:`connected_components`); ground-truth components are all kept, however small.
-        Removed predicted components count as not predicted, also for matching.
+        One size rule for both sides (see :func:`connected_components`): predicted and
+        ground-truth components smaller than this are not lesion instances. Removed predicted
+        components count as not predicted and removed ground-truth components as not
+        lesions, also for matching (a lesion too small to be predicted is not reported as
+        missed, as in the MSSEG evaluation, which drops lesions below 3 mm^3 on both sides).
     matching : {"overlap", "iou"}
         ``"overlap"`` (grouping of Spagnolo et al. [1]_): a predicted component is TP if it
         overlaps any ground-truth voxel, else FP; a ground-truth component is FN if no
@@ -536,7 +538,7 @@ def find_instances(pred_mask, gt_mask=None, affine=None, spacing=None, connectiv
     pred_labels, n = connected_components(pred, connectivity, min_size, min_size_unit, sp)
     gt_labels, g = (None, 0)
     if gt is not None:
-        gt_labels, g = connected_components(gt, connectivity)
+        gt_labels, g = connected_components(gt, connectivity, min_size, min_size_unit, sp)
 
     pred_stats = _component_stats(pred_labels, n, aff, sp)
     instances = []

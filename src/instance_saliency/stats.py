@@ -105,9 +105,10 @@ def _read_csv(path: Path) -> pd.DataFrame:
 def pool_instances(out: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Pool the per-lesion tables of every complete subject of a cohort folder.
 
-    Reads ``out/subjects/<subject>/instances.csv`` and ``profiles.csv`` of every subject folder
-    that holds a ``run.json`` (a finished run; hidden staging folders are skipped) and prepends
-    a ``subject`` column (the folder name, as text).
+    Reads ``out/subjects/<subject>/instances_full.csv`` and ``profiles_full.csv`` (full
+    precision; the rounded ``instances.csv`` / ``profiles.csv`` of runs that lack them) of
+    every subject folder that holds a ``run.json`` (a finished run; hidden staging folders are
+    skipped) and prepends a ``subject`` column (the folder name, as text).
 
     Parameters
     ----------
@@ -139,11 +140,14 @@ def pool_instances(out: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise InputError(f"no subjects with instances.csv under {root}")
     inst, prof = [], []
     for d in dirs:
-        t = _read_csv(d / "instances.csv")
+        # full precision when the run wrote it (instances_full.csv), else the rounded table
+        full = d / "instances_full.csv"
+        t = _read_csv(full if full.is_file() else d / "instances.csv")
         t = t.copy()  # one block: inserting into a wide table read from CSV warns otherwise
         t.insert(0, "subject", d.name)
         inst.append(t)
-        pf = d / "profiles.csv"
+        pf = d / "profiles_full.csv"
+        pf = pf if pf.is_file() else d / "profiles.csv"
         if pf.is_file():
             p = _read_csv(pf)
             p.insert(0, "subject", d.name)
@@ -815,7 +819,9 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     """Run every cohort statistic on a cohort folder and write the results.
 
     Writes (all atomically) ``out/cohort_instances.csv`` (pooled lesion table with the
-    out-of-fold FP probability when available), ``out/cohort_profiles.csv``,
+    out-of-fold FP probability when available), ``out/cohort_profiles.csv`` (both rounded as
+    :func:`instance_saliency._format.round_table` states; full precision in
+    ``cohort_instances_full.csv`` and ``cohort_profiles_full.csv``),
     ``out/stats.json`` (all numbers; NaN as null), ``out/stats.md`` (readable tables), and
     with ``figures``: ``out/figures/peak_by_status.png``, ``profile_by_status.png``,
     ``flair_share.png``, ``roc_error_flagging.png`` and ``out/cohort_report.html``; with
@@ -932,8 +938,12 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     if fe["status"] == "ok":
         p = fe["predictions"].drop(columns="status")
         table = table.merge(p, on=["subject", "label"], how="left")
-    atomic_write_text(out / "cohort_instances.csv", table.to_csv(index=False))
-    atomic_write_text(out / "cohort_profiles.csv", profiles.to_csv(index=False))
+    from ._format import round_table
+
+    atomic_write_text(out / "cohort_instances.csv", round_table(table).to_csv(index=False))
+    atomic_write_text(out / "cohort_profiles.csv", round_table(profiles).to_csv(index=False))
+    atomic_write_text(out / "cohort_instances_full.csv", table.to_csv(index=False))
+    atomic_write_text(out / "cohort_profiles_full.csv", profiles.to_csv(index=False))
     from .checks import checks_markdown, pool_checks
 
     pooled_checks = pool_checks(out, n_boot=n_boot, seed=seed)
