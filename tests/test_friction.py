@@ -461,3 +461,62 @@ def test_csv_rounded_with_full_precision_beside(synth, tmp_path):
     v = full["smoothgrad_flair_mean_in"].iloc[0]
     assert shown["smoothgrad_flair_mean_in"].iloc[0] == float(f"{v:.4g}")
     assert (tmp_path / "r" / "profiles_full.csv").is_file()
+
+
+# ------------------------------------------------------------------------------------------
+# report
+
+
+@pytest.mark.parametrize("n_ch", [1, 2])
+def test_colour_bar_label_is_not_clipped(tmp_path, monkeypatch, n_ch):
+    from instance_saliency.report import figures
+
+    kept = {}
+    real_save = figures._save
+
+    def capture(fig, out_png, dpi=figures._DPI):
+        kept["fig"] = fig
+        return real_save(fig, out_png, dpi)
+
+    monkeypatch.setattr(figures, "_save", capture)
+    rng = np.random.default_rng(0)
+    flair = rng.random((30, 30, 30)).astype(np.float32)
+    mask = np.zeros((30, 30, 30), np.uint8)
+    mask[13:17, 13:17, 13:17] = 1
+    sal = rng.normal(0, 1e-5, (n_ch, 30, 30, 30)).astype(np.float32)
+    figures.instance_figure(flair, mask, sal, (15, 15, 15), (1.0, 1.0, 1.0), title="lesion 1",
+                            out_png=tmp_path / "f.png",
+                            channel_names=("FLAIR", "MPRAGE")[:n_ch])  # FLAIR-only: one row
+    fig = kept["fig"]
+    fig.canvas.draw()
+    cbar_ax = fig.axes[-1]
+    label = cbar_ax.yaxis.label
+    assert label.get_text().replace("\n", " ") == "saliency (logit / normalised intensity)"
+    for a in [label, *cbar_ax.get_yticklabels()]:
+        box = a.get_window_extent()
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, a.get_text()
+    box = label.get_window_extent()  # (tick labels outside the bar's range are not drawn)
+    assert box.y0 >= 0 and box.y1 <= fig.bbox.y1
+
+
+def test_report_summary_inputs_notes_and_lesion_grouping(synth, tmp_path):
+    import re
+
+    out = tmp_path / "r"
+    assert cli.main(["explain", "--flair", str(synth["flair"]), "--mprage", str(synth["t1"]),
+                     "--mask", str(synth["mask"]), "--model", str(synth["model"]), "--out",
+                     str(out), "--methods", "smoothgrad,gradcampp", "--cam-layer", "act",
+                     "--n-samples", "1", "--quiet"]) == 0
+    page = (out / "report.html").read_text()
+    heads = re.findall(r"<h2>(.*?)</h2>", page)
+    assert heads.count("Summary") == 1 and "Saliency over all lesions" in heads
+    assert f"<th>input flair</th><td>{synth['flair']}</td>" in page
+    assert "<th>subject</th><td>synth0</td>" in page  # folder of the generic flair.nii.gz
+    notes = page[page.index("<h2>Notes</h2>"):]
+    assert "{" not in notes and "threshold = 0.5" in notes and "cam_layer = act" in notes
+    assert "methods = smoothgrad, gradcampp" in notes and "None" not in notes
+    # each lesion's section holds its SmoothGrad and Grad-CAM++ figures together
+    for lab in (1, 2):
+        i = next(k for k, h in enumerate(heads) if h.startswith(f"Lesion {lab} (TP, "))
+        sec = page.split("<h2>")[i + 1]
+        assert f"SmoothGrad: lesion {lab} (TP)" in sec and f"Grad-CAM++: lesion {lab} (TP)" in sec

@@ -513,7 +513,7 @@ def test_evaluate_replaces_its_csv_atomically(world, tmp_path, capsys):
 @pytest.mark.parametrize("case, pattern", [
     ("missing_folder", r"no subjects with instances\.csv under .*nope/subjects"),
     ("no_finished_subject", r"no subjects with instances\.csv under"),
-    ("corrupt_table", r"cannot read .*s1/instances\.csv: Error tokenizing data"),
+    ("corrupt_table", r"cannot read .*s1/instances_full\.csv: Error tokenizing data"),
 ])
 def test_analyze_bad_cohort_folder(world, tmp_path, capsys, case, pattern):
     co = tmp_path / "cohort"
@@ -525,7 +525,8 @@ def test_analyze_bad_cohort_folder(world, tmp_path, capsys, case, pattern):
     elif case == "no_finished_subject":
         (co / "subjects" / "s1" / "run.json").unlink()  # an unfinished subject is not read
     else:
-        (co / "subjects" / "s1" / "instances.csv").write_bytes(b"label,status\n\"1,TP\n")
+        for name in ("instances.csv", "instances_full.csv"):  # analyze reads the full one
+            (co / "subjects" / "s1" / name).write_bytes(b"label,status\n\"1,TP\n")
     before = snapshot(tmp_path)
     rc, _, err = run_cli(["analyze", target, "--n-boot", "20"], capsys)
     assert_one_line_error(rc, err, pattern)
@@ -593,7 +594,7 @@ def test_no_predicted_lesions_gives_empty_table_and_report(world, tmp_path, caps
     rc, stdout, err = run_cli(["predict", "--flair", flair, "--mprage", mprage, "--model",
                                world["models"]["good"], "--out", tmp_path / "p", "--quiet"],
                               capsys)
-    assert rc == 0 and stdout.startswith("0 lesion voxels"), err
+    assert rc == 0 and stdout.splitlines()[-1].startswith("0 lesion voxels in 0 lesion(s)"), err
     rc, stdout, err = run_cli(["evaluate", "--pred", tmp_path / "p" / "prediction_mask.nii.gz",
                                "--mask", world["good"]["mask"]], capsys)
     assert rc == 0, err
@@ -932,7 +933,8 @@ def test_evaluate_out_folder_and_analyze_unknown_method(world, tmp_path, capsys)
     rc, _, err = run_cli(command_argv("cohort", world, out), capsys)
     assert rc == 0, err
     rc, _, err = run_cli(["analyze", out, "--method", "foo", "--n-boot", "0"], capsys)
-    assert_one_line_error(rc, err, "available: ")
+    assert_one_line_error(rc, err, "--method foo: no foo maps in this cohort; present: "
+                                   "smoothgrad")
 
 
 def test_overwrite_refuses_a_run_folder_holding_user_files(tmp_path):

@@ -493,7 +493,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
                 if method not in cfg.methods:
                     continue
                 t0 = time.time()
-                log(f"Grad-CAM++: {len(targets)} instance(s) at {cam_layer}")
+                log(f"{METHOD_LABELS[method]}: {len(targets)} instance(s) at {cam_layer}")
                 try:
                     results[method] = fn(
                         model, xt, targets, cam_layer, mode=cfg.mode, grid=grid,
@@ -566,7 +566,10 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
             t0 = time.time()
             log("figures and report.html")
             _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
-                     list(model.channels))
+                     list(model.channels),
+                     params={**asdict(cfg), "cam_layer": cam_layer, "threshold": threshold,
+                             "decision": decision},
+                     model_line=f"{model.source}: {_networks_text(model)}")
             timings["figures_s"] = round(time.time() - t0, 2)
         timings["total_s"] = round(time.time() - t_all, 2)
         run = {
@@ -617,7 +620,7 @@ def _load_flagger(cfg: ExplainConfig):
 
 
 def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
-             channel_names=("FLAIR", "MPRAGE")) -> None:
+             channel_names=("FLAIR", "MPRAGE"), params=None, model_line=None) -> None:
     from .report import (distance_profile_figure, instance_figure, modality_share_figure,
                          write_report)
 
@@ -625,10 +628,10 @@ def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
     figdir.mkdir(exist_ok=True)
     figs = []
     flair = subj.image[0]
-    for method in cfg.methods:
-        label = METHOD_LABELS[method]
-        chans = tuple(channel_names) if method == "smoothgrad" else ("CAM",)
-        for inst, m in zip(insts, masks):
+    for inst, m in zip(insts, masks):  # a lesion's methods side by side
+        for method in cfg.methods:
+            label = METHOD_LABELS[method]
+            chans = tuple(channel_names) if method == "smoothgrad" else ("CAM",)
             dense = dense_cache.get((method, inst.label))
             if dense is None:
                 continue
@@ -641,10 +644,12 @@ def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
             if "flagger_flagged" in table:
                 hit = table.loc[table["label"] == inst.label, "flagger_flagged"]
                 flag = " — flagged as likely FP" if len(hit) and bool(hit.iloc[0]) else ""
-            figs.append((f"{label}: lesion {inst.label} ({inst.status}){flag}", png, "Lesions"))
+            figs.append((f"{label}: lesion {inst.label} ({inst.status}){flag}", png,
+                         f"Lesion {inst.label} ({inst.status}, {inst.voxels} voxels)"))
     p1 = figdir / "distance_profile.png"
     distance_profile_figure(prof, p1, title="saliency against distance from the lesion border")
-    summary_figs = [("Saliency against signed distance from the border (mm)", p1, "Summary")]
+    overview = "Saliency over all lesions"
+    summary_figs = [("Saliency against signed distance from the border (mm)", p1, overview)]
     if "smoothgrad" in cfg.methods and len(channel_names) >= 2:
         from .models.channels import column_name
 
@@ -652,15 +657,39 @@ def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
         pair = [column_name(c) for c in channel_names[:2]]
         modality_share_figure(table, p2, method="smoothgrad", channel_names=pair)
         summary_figs.append((f"{channel_names[0]} versus {channel_names[1]} (SmoothGrad)", p2,
-                             "Summary"))
+                             overview))
     # the page shows the flagger's columns up front and leaves the map features to the CSV
     flag_cols = [c for c in ("flagger_flagged", "flagger_prob_fp") if c in table]
-    shown = [c for c in table.columns if c not in flag_cols and "_fo_" not in c
-             and "_glcm_" not in c]
-    k = shown.index("status") + 1 if "status" in shown else 0
-    write_report(stage / "report.html", "instance-saliency report", summary,
-                 table[shown[:k] + flag_cols + shown[k:]], summary_figs + figs,
-                 notes=[f"parameters: {asdict(cfg)}"])
+    cols = [c for c in table.columns if c not in flag_cols and "_fo_" not in c
+            and "_glcm_" not in c]
+    at = cols.index("status") + 1 if "status" in cols else 0
+    shown = {"subject": _subject_name(subj.paths),
+             **{f"input {k}": str(v) for k, v in subj.paths.items()}, **summary}
+    notes = ([f"model: {model_line}"] if model_line else []) + [
+        "parameters: " + "; ".join(f"{k} = {_param_text(v)}"
+                                   for k, v in (params or asdict(cfg)).items())]
+    write_report(stage / "report.html", "instance-saliency report", shown,
+                 table[cols[:at] + flag_cols + cols[at:]], summary_figs + figs, notes=notes)
+
+
+def _param_text(v) -> str:
+    """A parameter as a reader writes it: ``smoothgrad, gradcampp`` rather than a tuple."""
+    if isinstance(v, (list, tuple)):
+        return ", ".join(str(x) for x in v) if v else "none"
+    if v is None:
+        return "model default"
+    return str(v)
+
+
+def _subject_name(paths: dict) -> str:
+    """The subject as its files name it: the first input's file name without ``.nii(.gz)``
+    (its folder's name when the file has a generic name such as ``flair.nii.gz``)."""
+    p = Path(next(iter(paths.values())))
+    stem = p.name[:-7] if p.name.endswith(".nii.gz") else p.stem
+    if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():  # nnU-Net <case>_0000
+        return stem[:-5]
+    generic = stem.lower() in {"flair", "t1", "t1w", "mprage", "image", "t2"}
+    return p.resolve().parent.name if generic and p.resolve().parent.name else stem
 
 
 #: measured on the demo (README "Demo": shipped model, 2 CPU cores, 58 instances, N = 4):
@@ -699,8 +728,10 @@ def run_plan(cfg: ExplainConfig, model, cam_layer=None) -> str:
     if "smoothgrad" in cfg.methods:
         parts.append(f"SmoothGrad with N = {cfg.n_samples} noise samples (--n-samples; explain "
                      f"default 50 as in the seed paper, demo 4), sigma = {cfg.noise_level}")
-    if "gradcampp" in cfg.methods:
-        parts.append(f"Grad-CAM++ at {cam_layer or cfg.cam_layer or 'the default layer'}")
+    for m in CAM_METHODS:
+        if m in cfg.methods:
+            parts.append(f"{METHOD_LABELS[m]} at "
+                         f"{cam_layer or cfg.cam_layer or 'the default layer'}")
     return (f"explain: {'; '.join(parts)}; {cfg.mode} mode; model {model.source}: "
             f"{_networks_text(model)}")
 
@@ -718,8 +749,9 @@ def expected_seconds(n_instances: int, predict_s: float, cfg: ExplainConfig) -> 
     t = {}
     if "smoothgrad" in cfg.methods:
         t["smoothgrad"] = _COST_SMOOTHGRAD * predict_s * n_instances * cfg.n_samples
-    if "gradcampp" in cfg.methods:
-        t["gradcampp"] = _COST_GRADCAMPP * predict_s * n_instances
+    for m in CAM_METHODS:  # HiResCAM: the same passes as Grad-CAM++
+        if m in cfg.methods:
+            t[m] = _COST_GRADCAMPP * predict_s * n_instances
     t["write"] = _COST_WRITE_S * n_instances
     t["total"] = sum(t.values())
     return t
@@ -737,8 +769,8 @@ def _instances_line(insts, predict_s: float, cfg: ExplainConfig, model) -> str:
     if not insts:
         return f"prediction took {predict_s:.0f} s; no lesion instances"
     t = expected_seconds(len(insts), predict_s, cfg)
-    names = {"smoothgrad": "SmoothGrad", "gradcampp": "Grad-CAM++"}
-    steps = ", ".join(f"{names[k]} ~{_duration(v)}" for k, v in t.items() if k in names)
+    steps = ", ".join(f"{METHOD_LABELS[k]} ~{_duration(v)}" for k, v in t.items()
+                      if k in METHOD_LABELS)
     return (f"{len(insts)} lesion instance(s) ({what}); prediction took {predict_s:.0f} s; "
             f"expected about {_duration(t['total'])} more ({steps}; rough, scaled from the "
             f"prediction time by the demo's ratios)")

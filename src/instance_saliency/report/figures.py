@@ -77,6 +77,19 @@ def _new_figure(figsize, dpi=_DPI):
     return fig
 
 
+def _fit_right_edge(fig, gs, artists, pad_px: float = 4.0) -> None:
+    """Move the grid ``gs`` left until every artist in ``artists`` (e.g. a colour bar's label
+    and tick labels) lies inside the figure, so that none is clipped at the right edge."""
+    artists = list(artists)
+    for _ in range(3):
+        fig.canvas.draw()
+        width = fig.bbox.x1
+        right = max(a.get_window_extent().x1 for a in artists if a.get_visible())
+        if right <= width - pad_px:
+            return
+        gs.update(right=gs.right - (right - width + pad_px) / width)
+
+
 def _save(fig, out_png, dpi=_DPI) -> Path:
     # Render fully in memory first, so a drawing error never touches the destination.
     buf = io.BytesIO()
@@ -355,6 +368,11 @@ def instance_figure(flair, mask, saliency, centroid_vox, spacing,
     cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax)
     cb.set_label(f"saliency ({units})", fontsize=9)
     cb.ax.tick_params(labelsize=8)
+    fig.canvas.draw()
+    box = cb.ax.yaxis.label.get_window_extent()
+    if box.y0 < 0 or box.y1 > fig.bbox.y1:  # taller than a one-row figure: two lines
+        cb.set_label(f"saliency\n({units})", fontsize=9)
+    _fit_right_edge(fig, gs, [cb.ax.yaxis.label, *cb.ax.get_yticklabels()])
     head = f"{method_label}: {title}" if title else str(method_label)
     if vmax == 0.0:
         head += " (saliency is zero here)"
