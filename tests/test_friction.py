@@ -300,8 +300,8 @@ def _ball(n, c, r):
 
 def brain_scan(n=28, seed=0):
     """FLAIR, T1 and lesion mask of a synthetic brain: CSF 15 %, GM 40 %, WM 45 % of voxels,
-    T1 order CSF < GM < WM, FLAIR order CSF (suppressed) < WM < GM < lesions; two lesions of 33 voxels,
-    one 2-voxel ground-truth speck."""
+    T1 order CSF < GM < WM, FLAIR order CSF (suppressed) < WM < GM < lesions; two lesions
+    of 33 voxels, one 2-voxel ground-truth speck."""
     rng = np.random.default_rng(seed)
     brain = _ball(n, (n // 2,) * 3, n // 2 - 1)
     u = rng.random((n,) * 3)
@@ -520,3 +520,25 @@ def test_report_summary_inputs_notes_and_lesion_grouping(synth, tmp_path):
         i = next(k for k, h in enumerate(heads) if h.startswith(f"Lesion {lab} (TP, "))
         sec = page.split("<h2>")[i + 1]
         assert f"SmoothGrad: lesion {lab} (TP)" in sec and f"Grad-CAM++: lesion {lab} (TP)" in sec
+
+
+def test_train_prints_no_user_warning(tmp_path, capsys):
+    import warnings
+
+    fl, t1, mask = brain_scan()
+    for k, a in (("f", fl), ("t", t1), ("m", mask)):
+        _save(tmp_path / f"{k}.nii.gz", a)
+    (tmp_path / "man.csv").write_text("subject,flair,mprage,mask\ns1,f.nii.gz,t.nii.gz,m.nii.gz\n")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        rc = cli.main(["train", "--manifest", str(tmp_path / "man.csv"), "--out",
+                       str(tmp_path / "model"), "--roi", "16", "--channels", "4,8", "--steps",
+                       "3", "--stop-after", "2", "--val-every", "2"])
+        assert rc == 0
+        assert cli.main(["train", "--manifest", str(tmp_path / "man.csv"), "--out",
+                         str(tmp_path / "model"), "--roi", "16", "--channels", "4,8", "--steps",
+                         "3", "--resume", "--val-every", "2"]) == 0
+    user = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in seen
+            if issubclass(w.category, UserWarning)]
+    assert user == []
+    assert "Warning" not in capsys.readouterr().err
