@@ -542,3 +542,26 @@ def test_train_prints_no_user_warning(tmp_path, capsys):
             if issubclass(w.category, UserWarning)]
     assert user == []
     assert "Warning" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# nnU-Net: lesions that vanish in the resampling onto the network grid
+
+
+def test_tiny_lesion_lost_in_resampling_gets_its_own_reason():
+    pytest.importorskip("nnunetv2")
+    from instance_saliency.explain import _lost_in_resampling
+    from instance_saliency.models import load_model
+
+    model = load_model(NNUNET, folds=["0"], mirroring=False)
+    rng = np.random.default_rng(0)
+    image = np.zeros((2, 40, 40, 40), np.float32)
+    image[:, 5:35, 5:35, 5:35] = rng.random((2, 30, 30, 30)) + 1  # zero outside: cropped away
+    prep = model.prepare(image, (0.3, 0.3, 0.3))  # 0.3 mm input, 1 mm network: resampled
+    assert prep.mapping["resampled"]
+    tiny = np.zeros(image.shape[1:], bool)
+    tiny[20, 20, 20:23] = True  # 3 voxels of 0.3 mm: nothing left on the 1 mm grid
+    outside = np.zeros(image.shape[1:], bool)
+    outside[1, 1, 1:4] = True  # in the zero border that nnU-Net crops away
+    assert not prep.to_net(tiny).any() and not prep.to_net(outside).any()
+    assert _lost_in_resampling(prep, [tiny, outside], [4, 9]) == [4]
