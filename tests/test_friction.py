@@ -67,6 +67,11 @@ def test_evaluate_subject_name_integer_counts_and_option_names(tmp_path, capsys)
     assert _err(capsys) == "instance-saliency: error: --iou-threshold must lie in (0, 1], got 0.0"
 
 
+def test_analyze_names_the_option_in_errors(tmp_path, capsys):
+    assert cli.main(["analyze", str(tmp_path), "--p0", "1.5"]) == 2
+    assert _err(capsys) == "instance-saliency: error: --p0 must lie strictly between 0 and 1, got 1.5"
+
+
 def test_module_entry_point_runs_the_cli():
     r = subprocess.run([sys.executable, "-m", "instance_saliency", "--version"],
                        capture_output=True, text=True,

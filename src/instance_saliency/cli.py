@@ -469,6 +469,8 @@ def cmd_cohort(a) -> int:
 def cmd_analyze(a) -> int:
     from .stats import analyze
 
+    if not (0 < a.p0 < 1):  # named as the option, not as the function's parameter
+        raise InputError(f"--p0 must lie strictly between 0 and 1, got {a.p0}")
     analyze(a.outdir, n_boot=a.n_boot, seed=a.seed, p0=a.p0, method=a.method,
             include_log_volume=a.log_volume, threshold_rule=a.threshold_rule,
             figures=not a.no_figures, n_perm=a.n_perm, fit_flagger=a.fit_flagger,
