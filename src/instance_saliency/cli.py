@@ -775,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and classifier")
     an.add_argument("--p0", type=float, default=0.25, help="null proportion of lesions with "
                     "positive saliency inside and negative in the rim (default 0.25)")
-    an.add_argument("--method", default=None, metavar="{smoothgrad,gradcampp}",
+    an.add_argument("--method", default=None, metavar="{smoothgrad,gradcampp,hirescam}",
                     help="saliency method of the FLAIR/MPRAGE, rim and profile analyses "
                     "(default: smoothgrad when the cohort has it, else the method present)")
     an.add_argument("--log-volume", action="store_true",

@@ -797,7 +797,7 @@ def _pick_method(instances: pd.DataFrame, profiles: pd.DataFrame, method: str | 
     InputError
         ``method`` given but absent from the cohort (the message lists those present).
     """
-    present = [m for m in ("smoothgrad", "gradcampp")
+    present = [m for m in ("smoothgrad", "gradcampp", "hirescam")
                if any(str(c).startswith(m + "_") and str(c).endswith("_mean_in")
                       for c in instances.columns)
                or (len(profiles) and (profiles["method"].astype(str) == m).any())]
