@@ -258,6 +258,8 @@ def _oof_probabilities(X, y, subj, C, penalty, seed, n_splits):
     """Grouped out-of-fold probabilities (NaN where a fold's training part had one class)."""
     p = np.full(len(y), np.nan)
     folds = []
+    if np.unique(subj).size < 2:  # one training subject (a 2-subject cohort): no inner fold
+        return p, folds
     splitter, _ = _splitter(np.unique(subj).size, n_splits)
     for tr, te in splitter.split(X, y, groups=subj):
         rec = {"train_subjects": _names(subj[tr]), "test_subjects": _names(subj[te]),
