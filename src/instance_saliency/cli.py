@@ -806,8 +806,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):  # as argparse does for a missing required argument
         parser.print_usage(sys.stderr)
-        print("instance-saliency: error: a command is required (explain, demo, predict, "
-              "evaluate, train, cohort, analyze); see instance-saliency --help", file=sys.stderr)
+        names = [n for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                 for n in a.choices]
+        print(f"instance-saliency: error: a command is required ({', '.join(names)}); see "
+              "instance-saliency --help", file=sys.stderr)
         return 2
     try:
         return int(args.func(args) or 0)
