@@ -323,7 +323,7 @@ def test_analyze_fit_flagger_then_explain_flagger(dataset, model_dir, tmp_path):
     assert cli.main(["explain", "--flair", str(fp), "--mprage", str(mp), "--mask", str(gp),
                      "--model", str(model_dir), "--methods", "smoothgrad", "--n-samples", "1",
                      "--quiet", "--flagger", str(fl_path), "--out", str(run)]) == 0
-    t = pd.read_csv(run / "instances.csv")
+    t = pd.read_csv(run / "instances_full.csv")  # full precision (instances.csv: 4 decimals)
     pred = t.source == "pred"
     expect = flagging.flagger_probabilities(flagging.load_flagger(fl_path), t[pred])
     np.testing.assert_allclose(t.flagger_prob_fp[pred], expect, rtol=0, atol=1e-9)

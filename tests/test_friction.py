@@ -570,3 +570,20 @@ def test_tiny_lesion_lost_in_resampling_gets_its_own_reason():
     outside[1, 1, 1:4] = True  # in the zero border that nnU-Net crops away
     assert not prep.to_net(tiny).any() and not prep.to_net(outside).any()
     assert _lost_in_resampling(prep, [tiny, outside], [4, 9]) == [4]
+
+
+def test_round_table_rule():
+    from instance_saliency._format import round_table
+
+    t = pd.DataFrame({"label": [1], "status": ["TP"], "voxels": [7],
+                      "smoothgrad_flair_mean_in": [-2.3333333333333286],
+                      "prob_max": [0.987654321], "flagger_prob_fp": [0.48457383142874894],
+                      "smoothgrad_flair_share": [0.123456], "iou": [1 / 3],
+                      "centroid_x_mm": [12.345678], "volume_mm3": [7.0000001],
+                      "smoothgrad_flair_peak_max": [1.234567e-05]})
+    r = round_table(t).iloc[0]
+    assert (r.label, r.status, r.voxels) == (1, "TP", 7)
+    assert r.smoothgrad_flair_mean_in == -2.333 and r.smoothgrad_flair_peak_max == 1.235e-05
+    assert (r.prob_max, r.flagger_prob_fp, r.smoothgrad_flair_share, r.iou) == (
+        0.9877, 0.4846, 0.1235, 0.3333)
+    assert r.centroid_x_mm == 12.35 and r.volume_mm3 == 7.0

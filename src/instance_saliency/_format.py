@@ -52,7 +52,8 @@ def round_table(table):
       means, ...) and any other float column: :data:`SALIENCY_DIGITS` significant digits. The
       maps are float32 (about 7 digits) and SmoothGrad's Monte-Carlo error with N noise
       samples is of the order of 1/sqrt(N) of the map, far above 1e-4 relative.
-    * Probabilities (``prob_*``), ``iou`` and shares (``*_share``): 4 decimals.
+    * Probabilities (``prob_*``, ``flagger_prob_fp``, ...), ``iou`` and shares (``*_share``):
+      4 decimals.
     * Positions (``centroid_*``) and ``distance_mm``: 0.01 (voxel or mm).
     * Volumes (``*_mm3``): 0.001 mm^3.
     * Integers, text and booleans are left as they are.
@@ -74,7 +75,7 @@ def round_table(table):
         if not pd.api.types.is_float_dtype(s):
             continue
         name = str(col)
-        if name.startswith("prob_") or name == "iou" or name.endswith("_share"):
+        if "prob" in name.split("_") or name == "iou" or name.endswith("_share"):
             out[col] = s.round(4)
         elif name.startswith("centroid_") or name == "distance_mm":
             out[col] = s.round(2)
