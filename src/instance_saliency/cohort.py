@@ -45,8 +45,9 @@ FAILURES_FILE = "failures.json"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _NNUNET_FILE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})\.nii(\.gz)?$")
 _NIFTI = re.compile(r"\.nii(\.gz)?$")
-#: ExplainConfig fields that change no number (memory, speed, display): not compared on resume
-_NEUTRAL = {"batch_size", "sw_batch_size", "device", "figures"}
+#: ExplainConfig fields that change no number (memory, speed, display, which map files are
+#: written): not compared on resume
+_NEUTRAL = {"batch_size", "sw_batch_size", "device", "figures", "maps", "maps_margin_mm"}
 
 
 @dataclass(frozen=True)

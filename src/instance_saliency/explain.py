@@ -75,6 +75,12 @@ class ExplainConfig:
         report.
     figures : bool
         Write PNG figures and ``report.html``.
+    maps : {"crop", "full", "none"}
+        Per-lesion saliency NIfTI files: cropped to the lesion's bounding box grown by
+        ``maps_margin_mm`` (default), full-grid, or none. Numbers never depend on it.
+    maps_margin_mm : float or None
+        Margin of the cropped maps in mm; ``None`` = :func:`instance_saliency.maps.default_margin_mm`
+        (the farthest distance from the lesion border any number reads: 8 mm by default).
     """
 
     methods: tuple = DEFAULT_METHODS
@@ -97,6 +103,8 @@ class ExplainConfig:
     peak_margin_mm: float = 3.0
     profile_bins_mm: tuple = tuple(range(-3, 9))
     figures: bool = True
+    maps: str = "crop"
+    maps_margin_mm: float | None = None
     device: str = "cpu"
     folds: tuple | None = None
     checkpoint: str | None = None
@@ -132,6 +140,13 @@ class ExplainConfig:
             raise InputError("--iou-threshold must lie in (0, 1]")
         if self.step_size is not None and not (0 < self.step_size <= 1):
             raise InputError("--step-size must lie in (0, 1]")
+        from .maps import MAP_MODES
+
+        if self.maps not in MAP_MODES:
+            raise InputError(f"--maps must be one of {', '.join(MAP_MODES)}, got {self.maps!r}")
+        if self.maps_margin_mm is not None and not (
+                np.isfinite(self.maps_margin_mm) and self.maps_margin_mm >= 0):
+            raise InputError("--maps-margin-mm must be a finite number >= 0")
 
     def model_options(self) -> dict:
         """Keyword arguments of :func:`instance_saliency.models.load_model`."""
@@ -370,7 +385,10 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
     from .models.base import check_lesion_class
     from .models.channels import column_name, match_channels
     from .features import brain_border_distance, map_features
+    from .maps import default_margin_mm, map_box, save_lesion_map
     from .quantify import distance_profile, quantify_instance
+    from .report import instance_figure
+    from .report.viewer import ViewerData
     from .saliency import gradcampp, hirescam, smoothgrad
     from .targets import InstanceTarget
 
@@ -462,48 +480,60 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
                 "(nnU-Net's crop to non-zero voxels); no saliency for them")
         targets = [InstanceTarget(net_masks[k], model.lesion_class, cfg.reduction,
                                   name=f"lesion_{insts[k].label:03d}") for k in usable]
-        results: dict = {}
-        if targets:
-            if "smoothgrad" in cfg.methods:
-                t0 = time.time()
-                results["smoothgrad"] = smoothgrad(
+        # Each method's maps are quantified, written and drawn lesion by lesion, straight from
+        # the full in-memory map, which is then dropped (with the method's sparse result) before
+        # the next method runs: at most one full-grid map is held at a time.
+        sg_chans = [column_name(c) for c in model.channels]
+        margin = cfg.maps_margin_mm if cfg.maps_margin_mm is not None else default_margin_mm(cfg)
+        boxes = [map_box(i.bbox_start, i.bbox_stop, subj.shape, subj.spacing, margin)
+                 for i in insts]
+        profiles: list = []
+        lesion_figs: dict = {}
+        viewer = None
+        timings["quantify_s"] = 0.0
+        fig_s = 0.0
+        if cfg.figures:
+            t0 = time.time()
+            viewer = ViewerData(subj.image, list(model.channels), iset.label_map, insts,
+                                subj.affine, subj.spacing, boxes)
+            fig_s += time.time() - t0
+        for method in (m for m in METHODS if m in cfg.methods and targets):
+            t0 = time.time()
+            if method == "smoothgrad":
+                res = smoothgrad(
                     model, xt, targets, mode=cfg.mode, grid=grid, roi_size=model.roi_size,
                     overlap=model.overlap, n_samples=cfg.n_samples, noise_level=cfg.noise_level,
                     seed=cfg.seed, batch_size=cfg.batch_size, sw_batch_size=cfg.sw_batch_size,
                     device=cfg.device, progress=progress)
-                timings["smoothgrad_s"] = round(time.time() - t0, 2)
-            for method, fn in (("gradcampp", gradcampp), ("hirescam", hirescam)):
-                if method not in cfg.methods:
-                    continue
-                t0 = time.time()
+            else:
+                fn = {"gradcampp": gradcampp, "hirescam": hirescam}[method]
                 try:
-                    results[method] = fn(
+                    res = fn(
                         model, xt, targets, cam_layer, mode=cfg.mode, grid=grid,
                         roi_size=model.roi_size, overlap=model.overlap,
                         sw_batch_size=cfg.sw_batch_size, device=cfg.device, progress=progress)
                 except ValueError as e:
                     raise InputError(f"{METHOD_LABELS[method]}: {e}") from None
-                timings[f"{method}_s"] = round(time.time() - t0, 2)
-        t0 = time.time()
-        sg_chans = [column_name(c) for c in model.channels]
-        profiles = []
-        dense_cache: dict = {}
-        for method, res in results.items():
-            (stage / "saliency" / method).mkdir(parents=True, exist_ok=True)
+            timings[f"{method}_s"] = round(time.time() - t0, 2)
+            t0 = time.time()
+            if cfg.maps != "none":
+                (stage / "saliency" / method).mkdir(parents=True, exist_ok=True)
             chans = sg_chans if method == "smoothgrad" else ["CAM"]
+            variant = "mean" if method == "smoothgrad" else "raw"
+            label = METHOD_LABELS[method]
+            figs = lesion_figs[method] = []
             for pos, k in enumerate(usable):
                 r, inst, m = rows[k], insts[k], masks[k]
-                variant = "mean" if method == "smoothgrad" else "raw"
                 dense = prep.to_user(res[pos].maps[variant].to_dense())
+                n_windows = res[pos].n_windows
+                res[pos] = None  # the sparse map is no longer needed
                 if not np.isfinite(dense).all():
                     raise InputError(f"{method} map of lesion {inst.label} is not finite")
-                fname = stage / "saliency" / method / f"lesion_{inst.label:03d}.nii.gz"
-                save_map(fname, np.moveaxis(dense, 0, -1) if dense.shape[0] > 1 else dense[0],
-                         subj.affine, subj.header)
+                # numbers first, from the full map (never from what is written)
                 r.update(quantify_instance(dense, m, subj.spacing, chans, method,
                                            cfg.share_margin_mm, cfg.peak_margin_mm))
                 r.update(map_features(dense, m, subj.spacing, chans, method))
-                r[f"{method}_n_windows"] = res[pos].n_windows
+                r[f"{method}_n_windows"] = n_windows
                 for c, ch in enumerate(chans):
                     centres, means, counts = distance_profile(dense[c], m, subj.spacing,
                                                               cfg.profile_bins_mm)
@@ -512,8 +542,25 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
                                          "method": method, "channel": ch.lower(),
                                          "distance_mm": float(d), "mean": float(mu),
                                          "voxels": int(n)})
+                save_lesion_map(stage / "saliency" / method / f"lesion_{inst.label:03d}.nii.gz",
+                                dense, subj.affine, subj.header, cfg.maps, boxes[k])
                 if cfg.figures:
-                    dense_cache[(method, inst.label)] = dense
+                    t1 = time.time()
+                    png = stage / "figures" / f"{method}_lesion_{inst.label:03d}.png"
+                    instance_figure(subj.image[0], m, dense, inst.centroid_vox, subj.spacing,
+                                    channel_names=tuple(model.channels) if method == "smoothgrad"
+                                    else ("CAM",), signed=method == "smoothgrad",
+                                    title=f"lesion {inst.label} ({inst.status}, {inst.voxels} vox)",
+                                    out_png=png, method_label=label)
+                    figs.append((f"{label}: lesion {inst.label} ({inst.status})", png, "Lesions",
+                                 inst.label))
+                    viewer.add_map(method, inst.label, dense, boxes[k],
+                                   list(model.channels) if method == "smoothgrad" else ["CAM"])
+                    fig_s += time.time() - t1
+                del dense
+            del res
+            timings["quantify_s"] += time.time() - t0
+        timings["quantify_s"] = round(timings["quantify_s"] - fig_s, 2)
         # without any lesion instance: the header alone, with the standard columns
         columns = table_columns(cfg.methods, model.channels)
         table = (pd.DataFrame(rows).reindex(columns=columns) if rows
@@ -526,7 +573,6 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
                                                "distance_mm", "mean", "voxels"])
         atomic_write_text(stage / "instances.csv", table.to_csv(index=False))
         atomic_write_text(stage / "profiles.csv", prof.to_csv(index=False))
-        timings["quantify_s"] = round(time.time() - t0, 2)
         counts = {s: int((table["status"] == s).sum()) if len(table) else 0
                   for s in ("TP", "FP", "FN", "unknown")}
         summary = {
@@ -542,9 +588,9 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
                 f"{n_flag} (this flagger keeps all lesions: {flagger.get('keep_all_reason')})")
         if cfg.figures:
             t0 = time.time()
-            _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
-                     list(model.channels))
-            timings["figures_s"] = round(time.time() - t0, 2)
+            figs = [f for meth in cfg.methods for f in lesion_figs.get(meth, [])]
+            _figures(stage, figs, table, prof, summary, cfg, list(model.channels), viewer)
+            timings["figures_s"] = round(fig_s + time.time() - t0, 2)
         timings["total_s"] = round(time.time() - t_all, 2)
         run = {
             "instance_saliency_run": 1,
@@ -553,7 +599,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
             "model": {"folder": str(model_dir or model.source), **model.describe()},
             "grids": {"exact": prep.exact, **prep.mapping},
             "parameters": {**asdict(cfg), "cam_layer": cam_layer, "threshold": threshold,
-                           "decision": decision},
+                           "decision": decision, "maps_margin_mm": margin},
             "summary": summary, "timings_s": timings, "versions": _versions(),
             "seed": cfg.seed, "torch_threads": torch.get_num_threads(),
         }
@@ -590,32 +636,13 @@ def _load_flagger(cfg: ExplainConfig):
     return fl
 
 
-def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
-             channel_names=("FLAIR", "MPRAGE")) -> None:
-    from .report import (distance_profile_figure, instance_figure, modality_share_figure,
-                         write_report)
+def _figures(stage, lesion_figs, table, prof, summary, cfg, channel_names=("FLAIR", "MPRAGE"),
+             viewer=None) -> None:
+    """Summary figures and ``report.html`` (the per-lesion PNGs are drawn in the lesion loop)."""
+    from .report import distance_profile_figure, modality_share_figure, write_report
 
     figdir = stage / "figures"
     figdir.mkdir(exist_ok=True)
-    figs = []
-    flair = subj.image[0]
-    for method in cfg.methods:
-        label = METHOD_LABELS[method]
-        chans = tuple(channel_names) if method == "smoothgrad" else ("CAM",)
-        for inst, m in zip(insts, masks):
-            dense = dense_cache.get((method, inst.label))
-            if dense is None:
-                continue
-            png = figdir / f"{method}_lesion_{inst.label:03d}.png"
-            instance_figure(flair, m, dense, inst.centroid_vox, subj.spacing,
-                            channel_names=chans, signed=method == "smoothgrad",
-                            title=f"lesion {inst.label} ({inst.status}, {inst.voxels} vox)",
-                            out_png=png, method_label=label)
-            flag = ""
-            if "flagger_flagged" in table:
-                hit = table.loc[table["label"] == inst.label, "flagger_flagged"]
-                flag = " — flagged as likely FP" if len(hit) and bool(hit.iloc[0]) else ""
-            figs.append((f"{label}: lesion {inst.label} ({inst.status}){flag}", png, "Lesions"))
     p1 = figdir / "distance_profile.png"
     distance_profile_figure(prof, p1, title="saliency against distance from the lesion border")
     summary_figs = [("Saliency against signed distance from the border (mm)", p1, "Summary")]
@@ -627,6 +654,13 @@ def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
         modality_share_figure(table, p2, method="smoothgrad", channel_names=pair)
         summary_figs.append((f"{channel_names[0]} versus {channel_names[1]} (SmoothGrad)", p2,
                              "Summary"))
+    figs = []
+    for caption, png, section, label in lesion_figs:  # the flagger's verdict in the caption
+        flag = ""
+        if "flagger_flagged" in table:
+            hit = table.loc[table["label"] == label, "flagger_flagged"]
+            flag = " — flagged as likely FP" if len(hit) and bool(hit.iloc[0]) else ""
+        figs.append((caption + flag, png, section))
     # the page shows the flagger's columns up front and leaves the map features to the CSV
     flag_cols = [c for c in ("flagger_flagged", "flagger_prob_fp") if c in table]
     shown = [c for c in table.columns if c not in flag_cols and "_fo_" not in c
@@ -634,4 +668,5 @@ def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
     k = shown.index("status") + 1 if "status" in shown else 0
     write_report(stage / "report.html", "instance-saliency report", summary,
                  table[shown[:k] + flag_cols + shown[k:]], summary_figs + figs,
-                 notes=[f"parameters: {asdict(cfg)}"])
+                 notes=[f"parameters: {asdict(cfg)}"],
+                 viewer=viewer.payload(table) if viewer is not None else None)
