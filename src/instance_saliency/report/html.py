@@ -187,8 +187,24 @@ def _viewer_html(viewer: dict) -> str:
         f"<script>\n{js}</script>\n")
 
 
+def _links_html(links) -> str:
+    """A section of links: ``(section, [(text, href or None, note), ...])``."""
+    from urllib.parse import quote
+
+    esc = html.escape
+    section, items = links
+    out = [f"<h2>{esc(str(section))}</h2>\n<ul class=\"links\">\n"]
+    for text, href, note in items:
+        t = esc(str(text))
+        link = (f"<a href=\"{esc(quote(str(href), safe='/#.-_~'), quote=True)}\">{t}</a>"
+                if href else f"{t} <span class=\"muted\">(no report)</span>")
+        out.append(f"<li>{link}{(' — ' + esc(str(note))) if note else ''}</li>\n")
+    out.append("</ul>\n")
+    return "".join(out)
+
+
 def write_report(out_html, title: str, summary: dict, table, figures=(), notes=(),
-                 viewer: dict | None = None) -> Path:
+                 viewer: dict | None = None, links=None) -> Path:
     """Write a self-contained HTML report (embedded PNGs, inline CSS, optional lesion viewer).
 
     Parameters
@@ -213,6 +229,9 @@ def write_report(out_html, title: str, summary: dict, table, figures=(), notes=(
     viewer : dict, optional
         :meth:`instance_saliency.report.viewer.ViewerData.payload`: adds the interactive
         lesion viewer after the summary (embedded volumes, bundled NiiVue, no network).
+    links : (str, sequence of (str, str or None, str)), optional
+        ``(section, items)``: a list of links after the summary, each item ``(text, href,
+        note)`` with ``href`` relative to the page (``None``: text only, marked "no report").
 
     Returns
     -------
@@ -251,6 +270,9 @@ def write_report(out_html, title: str, summary: dict, table, figures=(), notes=(
             w("</table>\n")
         else:
             w("<p class=\"muted\">no summary</p>\n")
+
+        if links is not None:
+            w(_links_html(links))
 
         if viewer is not None:
             w(_viewer_html(viewer))
