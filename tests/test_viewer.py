@@ -34,6 +34,12 @@ pytestmark = [
 ]
 
 
+def _settle(page):
+    """Wait until the browser has drawn two more frames (NiiVue redraws on the next frame)."""
+    page.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    page.wait_for_timeout(200)
+
+
 def _overlay_coloured(rgb: np.ndarray) -> np.ndarray:
     """Pixels of the saliency colour maps: saturated red (positive) or blue (negative)."""
     r, g, b = (rgb[..., i].astype(int) for i in range(3))
@@ -88,7 +94,7 @@ def test_click_third_row_moves_crosshair_to_centroid_with_overlay(browser_page, 
     page.wait_for_function(f"isvViewer.selected === '{label}' && isvViewer.loaded.length === 3 "
                            f"&& isvViewer.loaded[1].startsWith('lesion_{label}_')",
                            timeout=60_000)
-    page.wait_for_timeout(300)
+    _settle(page)
     mm = np.array(page.evaluate("isvViewer.crosshairMM()"))
     want = table.loc[label, ["centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]].to_numpy(float)
     np.testing.assert_allclose(mm, want, atol=1e-3)
@@ -103,7 +109,7 @@ def test_click_third_row_moves_crosshair_to_centroid_with_overlay(browser_page, 
     with_overlay = tmp_path / "with.png"
     canvas.screenshot(path=str(with_overlay))
     page.evaluate("isvViewer.nv.setOpacity(1, 0); isvViewer.nv.updateGLVolume()")
-    page.wait_for_timeout(300)
+    _settle(page)
     without = tmp_path / "without.png"
     canvas.screenshot(path=str(without))
     page.evaluate("isvViewer.nv.setOpacity(1, 0.85); isvViewer.nv.updateGLVolume()")

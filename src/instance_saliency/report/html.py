@@ -44,10 +44,10 @@ figure img { display: block; max-width: 100%; height: auto; }
 figcaption { font-size: 0.8em; color: #444; margin-top: 3px; max-width: 40em; }
 .muted { color: #777; }
 #isv-viewer { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
-#isv-canvas { width: 720px; height: 480px; background: #000; display: block; }
+#isv-canvas { width: 640px; height: 640px; background: #000; display: block; }
 #isv-controls { margin: 4px 0; font-size: 0.9em; }
 #isv-controls label { margin-right: 1em; }
-#isv-status { font-size: 0.85em; color: #333; max-width: 720px; min-height: 2.4em; }
+#isv-status { font-size: 0.85em; color: #333; max-width: 640px; min-height: 2.4em; }
 #isv-table tbody tr { cursor: pointer; }
 #isv-table tbody tr:hover { background: #eef5ff; }
 #isv-table tr.isv-selected { background: #ffe9b3; }
@@ -173,13 +173,15 @@ def _viewer_html(viewer: dict) -> str:
         "<p class=\"muted\">Click a lesion row: the crosshair moves to its centroid and its map "
         "is shown over the chosen background (signed saliency: red positive, blue negative, "
         "one colour scale per lesion; outlines: green TP, orange FP, purple FN). Click a "
-        "column header to sort. Scroll on a view to change slice; right-drag to adjust "
-        "contrast. Background grey levels are for display only.</p>\n"
+        "column header to sort. Click in a view to move the crosshair, scroll to zoom, "
+        "right-drag to adjust contrast. Background grey levels are for display only.</p>\n"
         "<div id=\"isv-controls\"><label>background <select id=\"isv-background\"></select>"
         "</label><label>method <select id=\"isv-method\"></select></label>"
-        "<label>saliency of <select id=\"isv-channel\"></select></label></div>\n"
-        "<div id=\"isv-viewer\"><div><canvas id=\"isv-canvas\" width=\"720\" "
-        "height=\"480\"></canvas><div id=\"isv-status\">loading the viewer…</div></div>\n"
+        "<label>saliency of <select id=\"isv-channel\"></select></label>"
+        "<label><input type=\"checkbox\" id=\"isv-outlines\" checked> lesion outlines</label>"
+        "</div>\n"
+        "<div id=\"isv-viewer\"><div><canvas id=\"isv-canvas\" width=\"640\" "
+        "height=\"640\"></canvas><div id=\"isv-status\">loading the viewer…</div></div>\n"
         f"<div class=\"scroll\">{_viewer_table(viewer)}</div></div>\n"
         f"<script type=\"application/json\" id=\"isv-data\">{_json_script(viewer)}</script>\n"
         f"<script type=\"application/octet-stream\" id=\"isv-niivue\">{_niivue_gz_b64()}"

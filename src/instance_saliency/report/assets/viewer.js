@@ -50,7 +50,9 @@
   }
 
   // background, then the saliency overlay, then the lesion outlines on top
-  function current() { return [bgVols[state.background], overlay, outlineVol]; }
+  function current() {
+    return [bgVols[state.background], overlay, $("isv-outlines").checked ? outlineVol : null];
+  }
 
   function fillChannels() {
     const sel = $("isv-channel");
@@ -90,10 +92,16 @@
         `scale; |value| < ${FLOOR * 100}% of it not coloured)`);
   }
 
+  const ZOOM = 2.5;  // 2D views magnified around the selected lesion (scroll to change)
+
   function moveTo(label) {
     const l = lesionByLabel.get(String(label));
     if (!l || !l.centroid_mm) return;
     nv.scene.crosshairPos = nv.mm2frac(l.centroid_mm);
+    // zoom about the lesion: the pan NiiVue's own wheel zoom applies to keep the crosshair
+    // in place, from the unzoomed view (pan 0, zoom 1)
+    const c = l.centroid_mm;
+    nv.setPan2Dxyzmm([(1 - ZOOM) * c[0], (1 - ZOOM) * c[1], (1 - ZOOM) * c[2], ZOOM]);
     nv.updateGLVolume();
   }
 
@@ -159,8 +167,9 @@
     }
     await loadNiivue();
     nv = new niivue.Niivue({ isColorbar: true, show3Dcrosshair: false, backColor: [0, 0, 0, 1],
-                             crosshairColor: [1, 1, 1, 0.9], crosshairWidth: 1,
-                             multiplanarShowRender: 0, loadingText: "", dragAndDropEnabled: false,
+                             crosshairColor: [1, 1, 1, 0.7], crosshairWidth: 0.25,
+                             multiplanarShowRender: 0, multiplanarLayout: 2,  // 2x2 grid
+                             loadingText: "", dragAndDropEnabled: false,
                              isResizeCanvas: true, logLevel: "error" });
     state.nv = nv;
     await nv.attachTo("isv-canvas");
@@ -176,7 +185,7 @@
     outlineVol.setColormapLabel({ R: [0, 27, 217, 117, 102], G: [0, 158, 95, 112, 102],
       B: [0, 119, 2, 179, 102], A: [0, 255, 255, 255, 255], I: [0, 1, 2, 3, 4],
       labels: ["", "TP", "FP", "FN", "unknown"] });
-    nv.setAtlasOutline(1);
+    nv.setAtlasOutline(0.7);  // lesion borders drawn at 70 % opacity, insides clear
     state.background = data.channels[0];
     state.method = data.methods[0] || null;
     const bgSel = $("isv-background");
@@ -190,6 +199,7 @@
     }
     fillChannels();
     bgSel.addEventListener("change", () => { state.background = bgSel.value; setVolumes(current()); });
+    $("isv-outlines").addEventListener("change", () => setVolumes(current()));
     mSel.addEventListener("change", () => {
       state.method = mSel.value; fillChannels(); loadOverlay().catch(fail);
     });
