@@ -263,10 +263,11 @@ def test_hirescam_is_an_opt_in_third_method(case, tmp_path):
     assert len(pred_rows)
     for label, row in pred_rows.iterrows():
         m = labels == label
-        hr = np.asarray(nib.load(str(run / "saliency" / "hirescam" /
-                                     f"lesion_{label:03d}.nii.gz")).dataobj)
-        cpp = np.asarray(nib.load(str(run / "saliency" / "gradcampp" /
-                                      f"lesion_{label:03d}.nii.gz")).dataobj)
+        ref = nib.load(str(inp["flair"]))  # cropped maps, placed back on the input grid
+        hr, _ = _full(nib.load(str(run / "saliency" / "hirescam" /
+                                   f"lesion_{label:03d}.nii.gz")), ref)
+        cpp, _ = _full(nib.load(str(run / "saliency" / "gradcampp" /
+                                    f"lesion_{label:03d}.nii.gz")), ref)
         assert (hr >= 0).all() and hr[m].max() > 0
         np.testing.assert_allclose(row["hirescam_cam_mean_in"], hr[m].mean(), rtol=1e-5,
                                    atol=1e-7)

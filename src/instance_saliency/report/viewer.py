@@ -138,8 +138,9 @@ class ViewerData:
                             "voxels": int(i.voxels), "volume_mm3": _num(i.volume_mm3),
                             "centroid_mm": [_num(c) for c in i.centroid_mm],
                             "prob_max": _num(r.get("prob_max")), "peaks": peaks})
-        methods = [m for m in ("smoothgrad", "gradcampp")
-                   if any(m in v for v in self.maps.values())]
+        from ..explain import METHODS
+
+        methods = [m for m in METHODS if any(m in v for v in self.maps.values())]
         return {"channels": self.channels, "backgrounds": self.backgrounds,
                 "outline": self.outline, "status_codes": STATUS_CODES, "methods": methods,
                 "lesions": lesions, "maps": {str(k): v for k, v in self.maps.items()},

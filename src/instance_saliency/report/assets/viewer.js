@@ -10,7 +10,7 @@
   const data = JSON.parse($("isv-data").textContent);
   const statusBox = $("isv-status");
   const say = (t) => { statusBox.textContent = t; };
-  const METHOD_LABEL = { smoothgrad: "SmoothGrad", gradcampp: "Grad-CAM++" };
+  const METHOD_LABEL = { smoothgrad: "SmoothGrad", gradcampp: "Grad-CAM++", hirescam: "HiResCAM" };
   const lesionByLabel = new Map(data.lesions.map((l) => [String(l.label), l]));
 
   async function loadNiivue() {
@@ -56,11 +56,12 @@
 
   function fillChannels() {
     const sel = $("isv-channel");
-    const chans = state.method === "gradcampp" ? ["CAM"] : data.channels;
+    const cam = state.method !== "smoothgrad";  // CAM methods: one map at the layer
+    const chans = cam ? ["CAM"] : data.channels;
     sel.innerHTML = "";
     for (const c of chans) {
       const o = document.createElement("option");
-      o.value = c; o.textContent = c + (state.method === "gradcampp" ? "" : " saliency");
+      o.value = c; o.textContent = c + (cam ? "" : " saliency");
       sel.appendChild(o);
     }
     if (!chans.includes(state.channel)) state.channel = chans[0];
@@ -79,7 +80,7 @@
       return;
     }
     const v = entry.vmax > 0 ? entry.vmax : 1;
-    const signed = state.method !== "gradcampp";
+    const signed = state.method === "smoothgrad";
     overlay = await vol(entry.channels[state.channel],
       `lesion_${state.selected}_${state.method}_${state.channel}.nii.gz`,
       { colormap: "isv_pos", colormapNegative: signed ? "isv_neg" : "",
