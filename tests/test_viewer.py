@@ -60,7 +60,8 @@ def browser_page(case):  # noqa: F811
         page.on("console", lambda m: log["console"].append((m.type, m.text)))
         page.on("pageerror", lambda e: log["console"].append(("error", str(e))))
         ctx.on("request", lambda r: log["requests"].append(r.url))
-        page.goto(report.resolve().as_uri())
+        page.goto(report.resolve().as_uri(), timeout=180_000)
+        page.set_default_timeout(120_000)
         page.wait_for_function("window.isvViewer && (isvViewer.ready || isvViewer.error)",
                                timeout=120_000)
         yield page, log, case
