@@ -2,7 +2,6 @@
 
 import base64
 import gzip
-import io
 
 import nibabel as nib
 import numpy as np

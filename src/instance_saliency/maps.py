@@ -144,8 +144,8 @@ def crop_header(header, start):
     nibabel.Nifti1Header
     """
     hdr = header.copy()
-    q, qcode = hdr.get_qform(coded=True)
-    s, scode = hdr.get_sform(coded=True)
+    qcode = int(hdr["qform_code"])
+    scode = int(hdr["sform_code"])
     hdr.set_qform(crop_affine(hdr.get_qform(), start), int(qcode))
     hdr.set_sform(crop_affine(hdr.get_sform(), start), int(scode))
     return hdr
