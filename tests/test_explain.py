@@ -107,8 +107,30 @@ def test_outputs_exist_and_rows_match_components(case):
     assert (table["status"] == "FP").sum() == sum(tp)
 
 
+def _crop_start(img, ref):
+    """Voxel of ``ref``'s grid where a cropped map starts (same rotation/zooms, integer shift)."""
+    np.testing.assert_allclose(img.affine[:3, :3], ref.affine[:3, :3], atol=1e-6)
+    start = np.linalg.solve(ref.affine[:3, :3], img.affine[:3, 3] - ref.affine[:3, 3])
+    np.testing.assert_allclose(start, np.rint(start), atol=1e-4)
+    return tuple(int(v) for v in np.rint(start))
+
+
+def _full(img, ref):
+    """A cropped map file placed back on ``ref``'s grid (zeros outside the crop)."""
+    start = _crop_start(img, ref)
+    data = np.asarray(img.dataobj)
+    out = np.zeros(ref.shape + data.shape[3:], np.float32)
+    out[tuple(slice(a, a + n) for a, n in zip(start, data.shape[:3]))] = data
+    return out, start
+
+
 @needs_data
-def test_maps_on_input_grid_and_csv_recomputed(case):
+def test_maps_cropped_on_input_grid_and_csv_recomputed(case):
+    """Default --maps crop: each file holds the lesion's bounding box + 8 mm, with the input
+    affine translated to the crop and the input's qform/sform codes; every number of the row
+    is recomputed from the cropped files (the box holds all voxels any number reads)."""
+    from instance_saliency.quantify import quantify_instance
+
     run = case["run"]
     ref = nib.load(str(case["inputs"]["flair"]))
     table = pd.read_csv(run / "instances_full.csv").set_index("label")
@@ -122,14 +144,22 @@ def test_maps_on_input_grid_and_csv_recomputed(case):
     labels = np.asarray(nib.load(str(run / "instances.nii.gz")).dataobj)
     gt = np.asarray(nib.load(str(case["inputs"]["mask"])).dataobj) > 0
     glab = cc3d.connected_components(gt.astype(np.uint8), connectivity=26)
+    assert json.loads((run / "run.json").read_text())["parameters"]["maps_margin_mm"] == 8.0
+    prob_img = nib.load(str(run / "prediction_prob.nii.gz"))
     for label, row in table.iterrows():
         img = nib.load(str(run / "saliency" / "smoothgrad" / f"lesion_{label:03d}.nii.gz"))
-        assert img.shape == ref.shape + (2,)
-        np.testing.assert_allclose(img.affine, ref.affine, atol=1e-5)
-        sal = np.asarray(img.dataobj)
+        assert img.get_data_dtype() == np.float32
+        for code in ("qform_code", "sform_code"):  # as every full-grid output of the run
+            assert int(img.header[code]) == int(prob_img.header[code])
+        sal, start = _full(img, ref)
+        box = tuple(slice(row[f"bbox_{a}_start"], row[f"bbox_{a}_stop"]) for a in "xyz")
+        want = tuple(max(s.start - 8, 0) for s in box)
+        assert start == want
+        assert img.shape[:3] == tuple(min(s.stop + 8, n) - a
+                                      for s, n, a in zip(box, ref.shape, want))
+        assert img.shape[3] == 2
         assert np.isfinite(sal).all()
         if row["source"] == "gt":  # find the GT component by its bounding box
-            box = tuple(slice(row[f"bbox_{a}_start"], row[f"bbox_{a}_stop"]) for a in "xyz")
             cands = [k for k in np.unique(glab[box]) if k and all(
                 (s.start, s.stop) == (int(i.min()), int(i.max()) + 1)
                 for s, i in zip(box, np.nonzero(glab == k)))]
@@ -138,24 +168,62 @@ def test_maps_on_input_grid_and_csv_recomputed(case):
         else:
             m = labels == label
         assert m.sum() == row["voxels"]
-        for c, ch in enumerate(("flair", "mprage")):
-            np.testing.assert_allclose(row[f"smoothgrad_{ch}_mean_in"], sal[..., c][m].mean(),
-                                       rtol=1e-5, atol=1e-7)
-            np.testing.assert_allclose(row[f"smoothgrad_{ch}_sum_in"], sal[..., c][m].sum(),
-                                       rtol=1e-4, atol=1e-6)
-        # the map features of explain are those of the written map (features.map_features)
+        got = quantify_instance(np.moveaxis(sal, -1, 0), m, ref.header.get_zooms()[:3])
+        for k, v in got.items():
+            np.testing.assert_allclose(row[k], v, rtol=1e-12, atol=0, err_msg=k)
+        # the map features of explain are those of the written map (features.map_features):
+        # they read the lesion and its 3 mm rim, inside the crop
         from instance_saliency.features import map_features
 
         mf = map_features(np.moveaxis(sal, -1, 0), m, ref.header.get_zooms()[:3])
         fo = [k for k in mf if "_fo_" in k]
         np.testing.assert_allclose(row[fo].to_numpy(float), [mf[k] for k in fo], rtol=1e-4,
                                    atol=1e-6)
-        tot = np.abs(sal).sum()
-        assert tot > 0, "saliency of a lesion cannot be identically zero here"
-        cam = nib.load(str(run / "saliency" / "gradcampp" / f"lesion_{label:03d}.nii.gz"))
-        assert cam.shape == ref.shape and (np.asarray(cam.dataobj) >= 0).all()
+        assert np.abs(sal).sum() > 0, "saliency of a lesion cannot be identically zero here"
+        cam_img = nib.load(str(run / "saliency" / "gradcampp" / f"lesion_{label:03d}.nii.gz"))
+        cam, cstart = _full(cam_img, ref)
+        assert cstart == start and cam.shape == ref.shape and (cam >= 0).all()
+        got = quantify_instance(cam[None], m, ref.header.get_zooms()[:3], ("CAM",), "gradcampp")
+        for k, v in got.items():
+            np.testing.assert_allclose(row[k], v, rtol=1e-12, atol=0, err_msg=k)
         prob = np.asarray(nib.load(str(run / "prediction_prob.nii.gz")).dataobj)
         np.testing.assert_allclose(row["prob_max"], prob[m].max(), rtol=1e-6)
+
+
+@needs_data
+def test_maps_full_and_none_give_the_same_tables(case):
+    """--maps full (today's full-grid files) and --maps none write the same instances.csv and
+    profiles.csv bytes as the default crop; the full files hold the crop's values in place."""
+    run = case["run"]
+    ref = nib.load(str(case["inputs"]["flair"]))
+    outs = {}
+    for mode in ("full", "none"):
+        outs[mode] = case["tmp"] / f"run_{mode}"
+        rc = cli.main(["explain", "--flair", str(case["inputs"]["flair"]),
+                       "--mprage", str(case["inputs"]["mprage"]),
+                       "--mask", str(case["inputs"]["mask"]), "--model", str(case["model"]),
+                       "--out", str(outs[mode]), "--n-samples", "2", "--cam-layer", "act",
+                       "--quiet", "--min-size", "3", "--maps", mode, "--no-figures"])
+        assert rc == 0
+    for f in ("instances.csv", "profiles.csv"):
+        crop_bytes = (run / f).read_bytes()
+        assert (outs["full"] / f).read_bytes() == crop_bytes, f
+        assert (outs["none"] / f).read_bytes() == crop_bytes, f
+    assert not (outs["none"] / "saliency").exists()
+    files = sorted((run / "saliency").rglob("*.nii.gz"))
+    assert files and [p.relative_to(run) for p in files] == [
+        p.relative_to(outs["full"]) for p in sorted((outs["full"] / "saliency").rglob("*.nii.gz"))]
+    for p in files:
+        full = nib.load(str(outs["full"] / p.relative_to(run)))
+        assert full.shape[:3] == ref.shape
+        np.testing.assert_allclose(full.affine, ref.affine, atol=1e-5)
+        crop, _ = _full(nib.load(str(p)), ref)
+        fd = np.asarray(full.dataobj)
+        inside = crop != 0
+        np.testing.assert_array_equal(crop[inside], fd[inside])
+    size = {k: sum(p.stat().st_size for p in (d / "saliency").rglob("*.nii.gz"))
+            for k, d in (("crop", run), ("full", outs["full"]))}
+    assert size["crop"] < size["full"]
 
 
 @needs_data
@@ -202,10 +270,11 @@ def test_hirescam_is_an_opt_in_third_method(case, tmp_path):
     assert len(pred_rows)
     for label, row in pred_rows.iterrows():
         m = labels == label
-        hr = np.asarray(nib.load(str(run / "saliency" / "hirescam" /
-                                     f"lesion_{label:03d}.nii.gz")).dataobj)
-        cpp = np.asarray(nib.load(str(run / "saliency" / "gradcampp" /
-                                      f"lesion_{label:03d}.nii.gz")).dataobj)
+        ref = nib.load(str(inp["flair"]))  # cropped maps, placed back on the input grid
+        hr, _ = _full(nib.load(str(run / "saliency" / "hirescam" /
+                                   f"lesion_{label:03d}.nii.gz")), ref)
+        cpp, _ = _full(nib.load(str(run / "saliency" / "gradcampp" /
+                                    f"lesion_{label:03d}.nii.gz")), ref)
         assert (hr >= 0).all() and hr[m].max() > 0
         np.testing.assert_allclose(row["hirescam_cam_mean_in"], hr[m].mean(), rtol=1e-5,
                                    atol=1e-7)

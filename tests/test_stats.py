@@ -440,6 +440,27 @@ def test_analyze_writes_consistent_outputs(tmp_path):
             == res["flag_errors"]["methods"]["smoothgrad"]["delta_auc"])
 
 
+def test_cohort_report_links_each_subject_report(tmp_path):
+    """The cohort report links every pooled subject's report.html (relative, so the folder
+    can be moved) with its lesion counts, and names the cohort figure files."""
+    import re
+
+    df = make_cohort(n_subjects=3)
+    write_cohort(tmp_path, df)
+    for s in ("S00", "S02"):  # S01 has no report (run with --no-figures)
+        (tmp_path / "subjects" / s / "report.html").write_text("<html></html>")
+    stats.analyze(tmp_path, n_boot=50, seed=0, log=lambda m: None)
+    html = (tmp_path / "cohort_report.html").read_text()
+    hrefs = re.findall(r'<a href="([^"]+)">([^<]+)</a>', html)
+    assert hrefs == [("subjects/S00/report.html", "S00"), ("subjects/S02/report.html", "S02")]
+    for href, _ in hrefs:
+        assert (tmp_path / href).is_file()
+    counts = df[df.subject == "S01"].status.value_counts()
+    assert f"S01 <span class=\"muted\">(no report)</span> — {counts['TP']} TP" in html
+    for f in ("peak_by_status", "profile_by_status", "flair_share", "roc_error_flagging"):
+        assert f"figures/{f}.png" in html
+
+
 def test_analyze_without_ground_truth(tmp_path):
     df = make_cohort(n_subjects=2, n_tp=3, n_fp=2, n_fn=0).assign(status="unknown")
     write_cohort(tmp_path, df)

@@ -168,7 +168,8 @@ def _explain_config(a):
         matching=a.matching, iou_threshold=a.iou_threshold, threshold=a.threshold,
         cam_layer=a.cam_layer, seed=a.seed, batch_size=a.batch_size,
         sw_batch_size=a.sw_batch_size, max_instances=a.max_instances,
-        figures=not a.no_figures, device=a.device, flagger=a.flagger, **_model_options(a))
+        figures=not a.no_figures, maps=a.maps, maps_margin_mm=a.maps_margin_mm,
+        device=a.device, flagger=a.flagger, **_model_options(a))
 
 
 def _cli_log(msg: str) -> None:
@@ -595,6 +596,13 @@ def _add_explain_options(e, **overrides) -> None:
                    "--fit-flagger`: adds per-lesion flagger_prob_fp / flagger_flagged columns "
                    "and marks flagged lesions in the report")
     e.add_argument("--no-figures", action="store_true", help="skip PNG figures and report.html")
+    e.add_argument("--maps", choices=("crop", "full", "none"), default=d.maps,
+                   help="per-lesion saliency NIfTI files: cropped to the lesion's bounding box "
+                        "plus --maps-margin-mm (default), full-grid, or none; the tables are "
+                        "the same either way")
+    e.add_argument("--maps-margin-mm", type=float, default=None, metavar="MM",
+                   help="margin of cropped maps around the lesion's bounding box (default: "
+                        "the farthest distance from the border any number reads, 8 mm)")
     e.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     e.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     e.add_argument("--quiet", action="store_true", help="no progress bars (the one-line "

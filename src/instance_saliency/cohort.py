@@ -45,8 +45,9 @@ FAILURES_FILE = "failures.json"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _NNUNET_FILE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})\.nii(\.gz)?$")
 _NIFTI = re.compile(r"\.nii(\.gz)?$")
-#: ExplainConfig fields that change no number (memory, speed, display): not compared on resume
-_NEUTRAL = {"batch_size", "sw_batch_size", "device", "figures"}
+#: ExplainConfig fields that change no number (memory, speed, display, which map files are
+#: written): not compared on resume
+_NEUTRAL = {"batch_size", "sw_batch_size", "device", "figures", "maps", "maps_margin_mm"}
 
 
 @dataclass(frozen=True)
@@ -457,7 +458,7 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a folder")
     # a missing or broken model is refused once, before any subject and any output
-    from .explain import check_device
+    from .explain import check_device, release_memory
     from .models import load_model
 
     check_device(config.device)
@@ -500,12 +501,14 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
                         log=lambda m, s=c.subject: say(f"{s}: {m}"),
                         images=dict(zip(c.channels, c.images)), model=model)
             except InstanceSaliencyError as e:
+                release_memory()
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                 failed[c.subject] = {"error": type(e).__name__, "message": msg,
                                      "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
                 say(f"{c.subject}: failed: {msg}")
                 _update_failures(out, {c.subject: failed[c.subject]}, [])
                 continue
+            release_memory()  # the subject's arrays are gone: give their memory back
             done.append(c.subject)
     finally:
         bar.close()

@@ -14,7 +14,7 @@ import platform
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -76,6 +76,12 @@ class ExplainConfig:
         report.
     figures : bool
         Write PNG figures and ``report.html``.
+    maps : {"crop", "full", "none"}
+        Per-lesion saliency NIfTI files: cropped to the lesion's bounding box grown by
+        ``maps_margin_mm`` (default), full-grid, or none. Numbers never depend on it.
+    maps_margin_mm : float or None
+        Margin of the cropped maps in mm; ``None`` = :func:`instance_saliency.maps.default_margin_mm`
+        (the farthest distance from the lesion border any number reads: 8 mm by default).
     """
 
     methods: tuple = DEFAULT_METHODS
@@ -98,6 +104,8 @@ class ExplainConfig:
     peak_margin_mm: float = 3.0
     profile_bins_mm: tuple = tuple(range(-3, 9))
     figures: bool = True
+    maps: str = "crop"
+    maps_margin_mm: float | None = None
     device: str = "cpu"
     folds: tuple | None = None
     checkpoint: str | None = None
@@ -133,6 +141,13 @@ class ExplainConfig:
             raise InputError("--iou-threshold must lie in (0, 1]")
         if self.step_size is not None and not (0 < self.step_size <= 1):
             raise InputError("--step-size must lie in (0, 1]")
+        from .maps import MAP_MODES
+
+        if self.maps not in MAP_MODES:
+            raise InputError(f"--maps must be one of {', '.join(MAP_MODES)}, got {self.maps!r}")
+        if self.maps_margin_mm is not None and not (
+                np.isfinite(self.maps_margin_mm) and self.maps_margin_mm >= 0):
+            raise InputError("--maps-margin-mm must be a finite number >= 0")
 
     def model_options(self) -> dict:
         """Keyword arguments of :func:`instance_saliency.models.load_model`."""
@@ -287,6 +302,23 @@ def commit_output(stage: Path, out: Path, overwrite: bool = False, inputs=()) ->
         shutil.rmtree(old, ignore_errors=True)
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the system (glibc ``malloc_trim``).
+
+    Full-grid arrays freed by one stage otherwise stay in the process's heap (its resident
+    size does not fall), so a long run, or the next subject of a cohort, starts from the
+    previous stage's high-water mark. No-op where glibc is not available.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def check_device(device: str) -> None:
     """Refuse a torch device that does not exist here, with a one-line :class:`InputError`."""
     import torch
@@ -372,7 +404,10 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
     from .models.base import check_lesion_class
     from .models.channels import column_name, match_channels
     from .features import brain_border_distance, map_features
+    from .maps import default_margin_mm, map_box, save_lesion_map
     from .quantify import distance_profile, quantify_instance
+    from .report import instance_figure
+    from .report.viewer import ViewerData
     from .saliency import gradcampp, hirescam, smoothgrad
     from .targets import InstanceTarget
 
@@ -440,6 +475,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
         prob = np.ascontiguousarray(probs[model.lesion_class], dtype=np.float32)
         pred = model.segment(probs, cfg.threshold)
         del probs
+        release_memory()
         timings["predict_s"] = round(time.time() - t0, 2)
         iset = find_instances(pred, subj.mask, subj.affine, subj.spacing, cfg.connectivity,
                               cfg.min_size, cfg.min_size_unit, cfg.matching, cfg.iou_threshold)
@@ -453,21 +489,27 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
                  subj.header, np.uint8)
         save_map(stage / "instances.nii.gz", iset.label_map, subj.affine, subj.header, np.int32)
         insts = iset.instances
-        masks = [iset.mask(i) for i in insts]
-        rows = []
+        # Full-grid masks are built one lesion at a time and dropped (a target keeps only its
+        # bounding-box crop): holding all of them costs 0.4 GB on the demo scan.
+        rows, targets, usable = [], [], []
         border = brain_border_distance(subj.image, subj.spacing) if insts else None
-        for i, m in zip(insts, masks):
+        for k, i in enumerate(insts):
+            m = iset.mask(i)
             r = i.to_dict()
             r["prob_mean"] = float(prob[m].mean())
             r["prob_max"] = float(prob[m].max())
             r["brain_border_mm"] = float(border[m].min())
             rows.append(r)
+            # instance target on the network's grid (the same voxels when no resampling)
+            nm = prep.to_net(m)
+            if nm.any():
+                usable.append(k)
+                targets.append(InstanceTarget(nm, model.lesion_class, cfg.reduction,
+                                              name=f"lesion_{i.label:03d}"))
+            del m, nm
         del border
-        # instance targets on the network's grid (the same voxels when no resampling)
-        net_masks = [prep.to_net(m) for m in masks]
-        usable = [k for k, nm in enumerate(net_masks) if nm.any()]
         skipped = [insts[k].label for k in range(len(insts)) if k not in usable]
-        lost = _lost_in_resampling(prep, [masks[k] for k in range(len(insts))
+        lost = _lost_in_resampling(prep, [iset.mask(insts[k]) for k in range(len(insts))
                                           if k not in usable], skipped)
         outside = [lab for lab in skipped if lab not in lost]
         if outside:
@@ -476,53 +518,64 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
         if lost:
             log(f"warning: lesion(s) {lost} are too small to survive the resampling onto the "
                 f"network's grid ({_spacing_text(prep)}); no saliency for them")
-        targets = [InstanceTarget(net_masks[k], model.lesion_class, cfg.reduction,
-                                  name=f"lesion_{insts[k].label:03d}") for k in usable]
-        results: dict = {}
-        if targets:
-            if "smoothgrad" in cfg.methods:
-                t0 = time.time()
+        # Each method's maps are quantified, written and drawn lesion by lesion, straight from
+        # the full in-memory map, which is then dropped (with the method's sparse result) before
+        # the next method runs: at most one full-grid map is held at a time.
+        sg_chans = [column_name(c) for c in model.channels]
+        margin = cfg.maps_margin_mm if cfg.maps_margin_mm is not None else default_margin_mm(cfg)
+        boxes = [map_box(i.bbox_start, i.bbox_stop, subj.shape, subj.spacing, margin)
+                 for i in insts]
+        profiles: list = []
+        lesion_figs: dict = {}
+        viewer = None
+        timings["quantify_s"] = 0.0
+        fig_s = 0.0
+        if cfg.figures:
+            t0 = time.time()
+            viewer = ViewerData(subj.image, list(model.channels), iset.label_map, insts,
+                                subj.affine, subj.spacing, boxes)
+            fig_s += time.time() - t0
+        for method in (m for m in METHODS if m in cfg.methods and targets):
+            t0 = time.time()
+            if method == "smoothgrad":
                 log(f"SmoothGrad: {len(targets)} instance(s) x N = {cfg.n_samples}")
-                results["smoothgrad"] = smoothgrad(
+                res = smoothgrad(
                     model, xt, targets, mode=cfg.mode, grid=grid, roi_size=model.roi_size,
                     overlap=model.overlap, n_samples=cfg.n_samples, noise_level=cfg.noise_level,
                     seed=cfg.seed, batch_size=cfg.batch_size, sw_batch_size=cfg.sw_batch_size,
                     device=cfg.device, progress=progress)
-                timings["smoothgrad_s"] = round(time.time() - t0, 2)
-            for method, fn in (("gradcampp", gradcampp), ("hirescam", hirescam)):
-                if method not in cfg.methods:
-                    continue
-                t0 = time.time()
+            else:
+                fn = {"gradcampp": gradcampp, "hirescam": hirescam}[method]
                 log(f"{METHOD_LABELS[method]}: {len(targets)} instance(s) at {cam_layer}")
                 try:
-                    results[method] = fn(
+                    res = fn(
                         model, xt, targets, cam_layer, mode=cfg.mode, grid=grid,
                         roi_size=model.roi_size, overlap=model.overlap,
                         sw_batch_size=cfg.sw_batch_size, device=cfg.device, progress=progress)
                 except ValueError as e:
                     raise InputError(f"{METHOD_LABELS[method]}: {e}") from None
-                timings[f"{method}_s"] = round(time.time() - t0, 2)
-        t0 = time.time()
-        log("quantifying and writing the maps")
-        sg_chans = [column_name(c) for c in model.channels]
-        profiles = []
-        dense_cache: dict = {}
-        for method, res in results.items():
-            (stage / "saliency" / method).mkdir(parents=True, exist_ok=True)
+            timings[f"{method}_s"] = round(time.time() - t0, 2)
+            t0 = time.time()
+            log(f"{METHOD_LABELS[method]}: quantifying and writing the maps")
+            if cfg.maps != "none":
+                (stage / "saliency" / method).mkdir(parents=True, exist_ok=True)
             chans = sg_chans if method == "smoothgrad" else ["CAM"]
+            variant = "mean" if method == "smoothgrad" else "raw"
+            label = METHOD_LABELS[method]
+            figs = lesion_figs[method] = []
             for pos, k in enumerate(usable):
-                r, inst, m = rows[k], insts[k], masks[k]
-                variant = "mean" if method == "smoothgrad" else "raw"
+                r, inst = rows[k], insts[k]
+                m = iset.mask(inst)
                 dense = prep.to_user(res[pos].maps[variant].to_dense())
+                n_windows = res[pos].n_windows
+                res[pos] = None  # the sparse map is no longer needed
                 if not np.isfinite(dense).all():
                     raise InputError(f"{method} map of lesion {inst.label} is not finite")
-                fname = stage / "saliency" / method / f"lesion_{inst.label:03d}.nii.gz"
-                save_map(fname, np.moveaxis(dense, 0, -1) if dense.shape[0] > 1 else dense[0],
-                         subj.affine, subj.header)
+                # numbers first, from the full map (never from what is written)
                 r.update(quantify_instance(dense, m, subj.spacing, chans, method,
                                            cfg.share_margin_mm, cfg.peak_margin_mm))
                 r.update(map_features(dense, m, subj.spacing, chans, method))
-                r[f"{method}_n_windows"] = res[pos].n_windows
+                r[f"{method}_n_windows"] = n_windows
                 for c, ch in enumerate(chans):
                     centres, means, counts = distance_profile(dense[c], m, subj.spacing,
                                                               cfg.profile_bins_mm)
@@ -531,8 +584,26 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
                                          "method": method, "channel": ch.lower(),
                                          "distance_mm": float(d), "mean": float(mu),
                                          "voxels": int(n)})
+                save_lesion_map(stage / "saliency" / method / f"lesion_{inst.label:03d}.nii.gz",
+                                dense, subj.affine, subj.header, cfg.maps, boxes[k])
                 if cfg.figures:
-                    dense_cache[(method, inst.label)] = dense
+                    t1 = time.time()
+                    png = stage / "figures" / f"{method}_lesion_{inst.label:03d}.png"
+                    instance_figure(subj.image[0], m, dense, inst.centroid_vox, subj.spacing,
+                                    channel_names=tuple(model.channels) if method == "smoothgrad"
+                                    else ("CAM",), signed=method == "smoothgrad",
+                                    title=f"lesion {inst.label} ({inst.status}, {inst.voxels} vox)",
+                                    out_png=png, method_label=label)
+                    figs.append((f"{label}: lesion {inst.label} ({inst.status})", png, "Lesions",
+                                 inst.label))
+                    viewer.add_map(method, inst.label, dense, boxes[k],
+                                   list(model.channels) if method == "smoothgrad" else ["CAM"])
+                    fig_s += time.time() - t1
+                del dense, m
+            del res
+            release_memory()
+            timings["quantify_s"] += time.time() - t0
+        timings["quantify_s"] = round(timings["quantify_s"] - fig_s, 2)
         # without any lesion instance: the header alone, with the standard columns
         columns = table_columns(cfg.methods, model.channels)
         table = (pd.DataFrame(rows).reindex(columns=columns) if rows
@@ -548,7 +619,6 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
         atomic_write_text(stage / "profiles.csv", round_table(prof).to_csv(index=False))
         atomic_write_text(stage / "instances_full.csv", table.to_csv(index=False))
         atomic_write_text(stage / "profiles_full.csv", prof.to_csv(index=False))
-        timings["quantify_s"] = round(time.time() - t0, 2)
         counts = {s: int((table["status"] == s).sum()) if len(table) else 0
                   for s in ("TP", "FP", "FN", "unknown")}
         summary = {
@@ -565,12 +635,12 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
         if cfg.figures:
             t0 = time.time()
             log("figures and report.html")
-            _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
-                     list(model.channels),
+            figs = [f for meth in cfg.methods for f in lesion_figs.get(meth, [])]
+            _figures(stage, subj, figs, table, prof, summary, cfg, list(model.channels), viewer,
                      params={**asdict(cfg), "cam_layer": cam_layer, "threshold": threshold,
                              "decision": decision},
                      model_line=f"{model.source}: {_networks_text(model)}")
-            timings["figures_s"] = round(time.time() - t0, 2)
+            timings["figures_s"] = round(fig_s + time.time() - t0, 2)
         timings["total_s"] = round(time.time() - t_all, 2)
         run = {
             "instance_saliency_run": 1, "command": "explain",
@@ -579,7 +649,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
             "model": {"folder": str(model_dir or model.source), **model.describe()},
             "grids": {"exact": prep.exact, **prep.mapping},
             "parameters": {**asdict(cfg), "cam_layer": cam_layer, "threshold": threshold,
-                           "decision": decision},
+                           "decision": decision, "maps_margin_mm": margin},
             "summary": summary, "timings_s": timings, "versions": _versions(),
             "seed": cfg.seed, "torch_threads": torch.get_num_threads(),
         }
@@ -619,33 +689,15 @@ def _load_flagger(cfg: ExplainConfig):
     return fl
 
 
-def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
-             channel_names=("FLAIR", "MPRAGE"), params=None, model_line=None) -> None:
-    from .report import (distance_profile_figure, instance_figure, modality_share_figure,
-                         write_report)
+def _figures(stage, subj, lesion_figs, table, prof, summary, cfg,
+             channel_names=("FLAIR", "MPRAGE"), viewer=None, params=None,
+             model_line=None) -> None:
+    """Summary figures and ``report.html`` (the per-lesion PNGs are drawn in the lesion loop;
+    here they are grouped by lesion, each lesion's methods side by side)."""
+    from .report import distance_profile_figure, modality_share_figure, write_report
 
     figdir = stage / "figures"
     figdir.mkdir(exist_ok=True)
-    figs = []
-    flair = subj.image[0]
-    for inst, m in zip(insts, masks):  # a lesion's methods side by side
-        for method in cfg.methods:
-            label = METHOD_LABELS[method]
-            chans = tuple(channel_names) if method == "smoothgrad" else ("CAM",)
-            dense = dense_cache.get((method, inst.label))
-            if dense is None:
-                continue
-            png = figdir / f"{method}_lesion_{inst.label:03d}.png"
-            instance_figure(flair, m, dense, inst.centroid_vox, subj.spacing,
-                            channel_names=chans, signed=method == "smoothgrad",
-                            title=f"lesion {inst.label} ({inst.status}, {inst.voxels} vox)",
-                            out_png=png, method_label=label)
-            flag = ""
-            if "flagger_flagged" in table:
-                hit = table.loc[table["label"] == inst.label, "flagger_flagged"]
-                flag = " — flagged as likely FP" if len(hit) and bool(hit.iloc[0]) else ""
-            figs.append((f"{label}: lesion {inst.label} ({inst.status}){flag}", png,
-                         f"Lesion {inst.label} ({inst.status}, {inst.voxels} voxels)"))
     p1 = figdir / "distance_profile.png"
     distance_profile_figure(prof, p1, title="saliency against distance from the lesion border")
     overview = "Saliency over all lesions"
@@ -658,6 +710,17 @@ def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
         modality_share_figure(table, p2, method="smoothgrad", channel_names=pair)
         summary_figs.append((f"{channel_names[0]} versus {channel_names[1]} (SmoothGrad)", p2,
                              overview))
+    info = {int(r["label"]): (r["status"], int(r["voxels"])) for _, r in table.iterrows()} \
+        if len(table) else {}
+    figs = []
+    order = {lab: i for i, lab in enumerate(sorted({f[3] for f in lesion_figs}))}
+    for caption, png, _section, label in sorted(lesion_figs, key=lambda f: order[f[3]]):
+        flag = ""
+        if "flagger_flagged" in table:  # the flagger's verdict in the caption
+            hit = table.loc[table["label"] == label, "flagger_flagged"]
+            flag = " — flagged as likely FP" if len(hit) and bool(hit.iloc[0]) else ""
+        st, vox = info.get(int(label), ("?", 0))
+        figs.append((caption + flag, png, f"Lesion {label} ({st}, {vox} voxels)"))
     # the page shows the flagger's columns up front and leaves the map features to the CSV
     flag_cols = [c for c in ("flagger_flagged", "flagger_prob_fp") if c in table]
     cols = [c for c in table.columns if c not in flag_cols and "_fo_" not in c
@@ -669,7 +732,8 @@ def _figures(stage, subj, insts, masks, dense_cache, table, prof, summary, cfg,
         "parameters: " + "; ".join(f"{k} = {_param_text(v)}"
                                    for k, v in (params or asdict(cfg)).items())]
     write_report(stage / "report.html", "instance-saliency report", shown,
-                 table[cols[:at] + flag_cols + cols[at:]], summary_figs + figs, notes=notes)
+                 table[cols[:at] + flag_cols + cols[at:]], summary_figs + figs, notes=notes,
+                 viewer=viewer.payload(table) if viewer is not None else None)
 
 
 def _param_text(v) -> str:

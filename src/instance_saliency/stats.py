@@ -1016,8 +1016,10 @@ def _cohort_report(out: Path, instances: pd.DataFrame, prof: dict, res: dict) ->
             f"p0 = {sp['p0']})")
     notes = [line for line in _markdown(res).splitlines() if line and not line.startswith("|")
              and not line.startswith("#")]
+    notes.append("Cohort figures (PNG files): " + ", ".join(
+        f"figures/{Path(f[1]).name}" for f in figs))
     write_report(out / "cohort_report.html", "instance-saliency cohort report", summary, table,
-                 figs, notes=notes)
+                 figs, notes=notes, links=("Subject reports", _subject_links(out, instances)))
 
 
 def _fit_and_save_flagger(out: Path, instances: pd.DataFrame, res: dict, path, feature_set: str,
@@ -1058,3 +1060,19 @@ def _fit_and_save_flagger(out: Path, instances: pd.DataFrame, res: dict, path, f
         f"{len(fl['features'])} features, "
         + ("keeps all lesions" if fl["threshold"] is None else f"threshold {_f(fl['threshold'])}")
         + f") written to {path}")
+
+
+def _subject_links(out: Path, instances: pd.DataFrame) -> list:
+    """``(subject, relative href of its report.html or None, lesion counts)`` per pooled
+    subject, for the cohort report."""
+    subjects = list(instances.attrs.get("subjects") or
+                    sorted(instances["subject"].astype(str).unique()))
+    items = []
+    for s in subjects:
+        rep = Path("subjects") / str(s) / "report.html"
+        st = instances.loc[instances["subject"].astype(str) == str(s), "status"]
+        counts = st.value_counts()
+        note = ", ".join(f"{int(counts[k])} {k}" for k in ("TP", "FP", "FN", "unknown")
+                         if k in counts) or "no lesion instances"
+        items.append((str(s), rep.as_posix() if (out / rep).is_file() else None, note))
+    return items

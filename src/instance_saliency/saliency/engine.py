@@ -89,10 +89,11 @@ class WindowPlan:
     _blend_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def create(cls, masks: Sequence[np.ndarray], image_shape: Sequence[int], mode: str = "sliding",
+    def create(cls, masks: Iterable[np.ndarray], image_shape: Sequence[int], mode: str = "sliding",
                roi_size: Sequence[int] = (96, 96, 96), overlap: float = 0.25,
                grid: WindowGrid | None = None, patch_alignment: int = 16) -> "WindowPlan":
-        """Plan the windows for targets with the given masks (each ``(X, Y, Z)`` bool).
+        """Plan the windows for targets with the given masks (each ``(X, Y, Z)`` bool; any
+        iterable, read once, so the masks can be built one at a time).
 
         In patch mode each window is centred on its target's bounding box, with its start
         shifted (by less than ``patch_alignment`` voxels) to the same remainder modulo

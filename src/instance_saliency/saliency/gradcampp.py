@@ -153,49 +153,72 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
     for tg in targets:
         if not tg.is_linear:
             raise ValueError("Grad-CAM++ needs logit-space (linear) targets")
-        if tuple(tg.mask.shape) != shape:
-            raise ValueError(f"target mask shape {tg.mask.shape} != input shape {shape}")
+        tshape = tuple(getattr(tg, "shape", None) or tg.mask.shape)
+        if tshape != shape:
+            raise ValueError(f"target mask shape {tshape} != input shape {shape}")
     members = members_of(model)
     for mem in members:
         resolve_layer(mem.net, layer)  # ValueError before any work
-    plan = WindowPlan.create([t.mask for t in targets], shape, mode, roi_size, overlap, grid)
+    # masks built one at a time (a target keeps only its crop)
+    plan = WindowPlan.create((t.mask for t in targets), shape, mode, roi_size, overlap, grid)
     xp = plan_pad(plan, x[None])
     nt = len(targets)
     regions = [plan.target_region(t) for t in range(nt)]
-    raw = [torch.zeros(tuple(s.stop - s.start for s in r), dtype=torch.float64) for r in regions]
-    sgn = [torch.zeros_like(a) for a in raw]
+    # Per target, the member maps are built one target at a time (float64) and added into
+    # that target's accumulator: float32 for a single member (the float64 map cast once, as
+    # before), float64 across several members. Nothing else of region size is held, so the
+    # peak is the returned maps plus one target's temporaries (issue 14: 5.9 GB -> ~1.5 GB
+    # on the demo scan).
+    acc_dtype = torch.float32 if len(members) == 1 else torch.float64
+    raw: list = [None] * nt
+    sgn: list = [None] * nt
     weights: list = [None] * nt
     with models_state_guard(model):
         for mem in members:
-            r_m, s_m, w_m = _cam_member(mem, layer, plan, xp, targets, regions, sw_batch_size,
-                                        progress and len(members) == 1, _variant)
+            acts, w_m, hires = _cam_member(mem, layer, plan, xp, targets, sw_batch_size,
+                                           progress and len(members) == 1, _variant)
             for t in range(nt):
-                raw[t] += mem.weight * r_m[t]
-                sgn[t] += mem.weight * s_m[t]
-                wt = mem.weight * w_m[t]
+                r_t, s_t = _cam_target_maps(mem, plan, acts, w_m[t], t, regions[t], signed,
+                                            hires)
+                for store, m_t in ((raw, r_t), (sgn, s_t)):
+                    if m_t is None:
+                        continue
+                    m_t = (mem.weight * m_t).to(acc_dtype) if mem.weight != 1 else \
+                        m_t.to(acc_dtype)
+                    store[t] = m_t if store[t] is None else store[t] + m_t
+                del r_t, s_t
+                wt = mem.weight * w_m[t].double()
                 weights[t] = wt if weights[t] is None else weights[t] + wt
+            del acts, hires
     results = []
     for t, tg in enumerate(targets):
         maps = {"raw": SparseMap(regions[t], raw[t].float()[None].numpy(), shape)}
+        raw[t] = None
         if signed:
             maps["signed"] = SparseMap(regions[t], sgn[t].float()[None].numpy(), shape)
+            sgn[t] = None
         results.append(InstanceSaliency(tg.name, _variant, maps,
                                         len(plan.target_windows[t]), weights[t].float().numpy()))
     return results
 
 
-def _cam_member(member, layer: str, plan: WindowPlan, xp: torch.Tensor, targets, regions,
+def _cam_member(member, layer: str, plan: WindowPlan, xp: torch.Tensor, targets,
                 sw_batch_size: int, progress: bool, variant: str = "gradcampp"):
-    """Instance Grad-CAM++ (or HiResCAM) maps of one network (one ensemble member) for every
-    target.
+    """The layer's activations and every target's Grad-CAM++ (or HiResCAM) channel weights,
+    one member.
 
-    Returns per target: the map after ReLU and the signed map (float64, on the target's
-    region, in input orientation: a mirrored member's maps are flipped back) and the channel
-    weights ``(K,)``.
+    Returns
+    -------
+    acts : dict of int -> torch.Tensor
+        Activations ``(K, *layer_window)`` of each needed window (in the member's
+        orientation).
+    weights : list of torch.Tensor
+        Per target ``(K,)`` float32 channel weights.
+    hires : dict
+        HiResCAM only: ``(t, w) -> Σ_k g_k ⊙ A_k`` at the layer's resolution (else empty).
     """
     model = member.module
     module = resolve_layer(member.net, layer)
-    flip_dims = list(member.flip)
     needed = sorted({w for ws in plan.target_windows for w in ws})
     users = {w: [t for t, ws in enumerate(plan.target_windows) if w in ws] for w in needed}
     acts: dict[int, torch.Tensor] = {}
@@ -248,30 +271,38 @@ def _cam_member(member, layer: str, plan: WindowPlan, xp: torch.Tensor, targets,
                     weights[t] = term if weights[t].numel() == 0 else weights[t] + term
             store.clear()
             del out, A
-    raws, signeds, ws_out = [], [], []
-    for t in range(len(targets)):
-        ws = plan.target_windows[t]
-        w_t = weights[t].float()
-        region = regions[t]
-        rshape = tuple(s.stop - s.start for s in region)
-        num = torch.zeros(rshape, dtype=torch.float64)
-        num_raw = torch.zeros(rshape, dtype=torch.float64)
-        den = torch.zeros(rshape, dtype=torch.float64)
-        for w in ws:
-            cam_w = (hires[(t, w)][None] if variant == "hirescam"
-                     else torch.einsum("k,k...->...", w_t, acts[w])[None])
-            raw_w = _upsample(F.relu(cam_w), plan.windows[w][1])[0]  # ReLU, then upsample
+    return acts, [weights[t].float() for t in range(len(targets))], hires
+
+
+def _cam_target_maps(member, plan: WindowPlan, acts, w_t: torch.Tensor, t: int, region,
+                     signed: bool, hires: dict | None = None):
+    """Target ``t``'s map after ReLU and (when ``signed``) its signed map, float64, on the
+    target's region, in input orientation (a mirrored member's maps are flipped back); each
+    window's map is blended with the windows' Gaussian importance (else ``None``). With
+    ``hires`` (HiResCAM), a window's map is ``hires[(t, w)]`` instead of ``Σ_k w_k A_k``."""
+    flip_dims = list(member.flip)
+    rshape = tuple(s.stop - s.start for s in region)
+    num = torch.zeros(rshape, dtype=torch.float64) if signed else None
+    num_raw = torch.zeros(rshape, dtype=torch.float64)
+    den = torch.zeros(rshape, dtype=torch.float64)
+    w_t = w_t.float()
+    for w in plan.target_windows[t]:
+        cam_w = (hires[(t, w)][None] if hires
+                 else torch.einsum("k,k...->...", w_t, acts[w])[None])
+        raw_w = _upsample(F.relu(cam_w), plan.windows[w][1])[0]  # ReLU, then upsample
+        if flip_dims:  # a mirrored member saw the window flipped: flip its map back
+            raw_w = torch.flip(raw_w, flip_dims)
+        dst, win_sl = plan.region_part(w, region)
+        imp = (plan.grid.importance if plan.grid is not None
+               else torch.ones(plan.windows[w][1]))[win_sl].double()
+        num_raw[dst] += imp * raw_w[win_sl].double()
+        if signed:
             cam_w = _upsample(cam_w, plan.windows[w][1])[0]
-            if flip_dims:  # a mirrored member saw the window flipped: flip its map back
-                raw_w, cam_w = torch.flip(raw_w, flip_dims), torch.flip(cam_w, flip_dims)
-            dst, win_sl = plan.region_part(w, region)
-            imp = (plan.grid.importance if plan.grid is not None
-                   else torch.ones(plan.windows[w][1]))[win_sl].double()
+            if flip_dims:
+                cam_w = torch.flip(cam_w, flip_dims)
             num[dst] += imp * cam_w[win_sl].double()
-            num_raw[dst] += imp * raw_w[win_sl].double()
-            den[dst] += imp
-        safe_den = torch.where(den > 0, den, 1.0)
-        raws.append(torch.where(den > 0, num_raw / safe_den, 0.0))
-        signeds.append(torch.where(den > 0, num / safe_den, 0.0))
-        ws_out.append(w_t.double())
-    return raws, signeds, ws_out
+        den[dst] += imp
+    safe_den = torch.where(den > 0, den, 1.0)
+    raw = torch.where(den > 0, num_raw / safe_den, 0.0)
+    sgn = torch.where(den > 0, num / safe_den, 0.0) if signed else None
+    return raw, sgn

@@ -252,8 +252,9 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
     x = _as_input(x).to(device)
     C, shape = x.shape[0], tuple(x.shape[1:])
     for tg in targets:
-        if tuple(tg.mask.shape) != shape:
-            raise ValueError(f"target mask shape {tg.mask.shape} != input shape {shape}")
+        tshape = tuple(getattr(tg, "shape", None) or tg.mask.shape)
+        if tshape != shape:
+            raise ValueError(f"target mask shape {tshape} != input shape {shape}")
         if aggregation == "maxabs" and not tg.is_linear:
             raise ValueError("maxabs aggregation needs logit-space targets")
     if noise is not None:
@@ -269,7 +270,8 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
         noise_iter = draw_noise((C,) + shape, sigma, n_samples, seed, device)
     members = members_of(model)
     whole = as_module(model)
-    plan = WindowPlan.create([t.mask for t in targets], shape, mode, roi_size, overlap, grid)
+    # masks built one at a time (a target keeps only its crop)
+    plan = WindowPlan.create((t.mask for t in targets), shape, mode, roi_size, overlap, grid)
     regions = [plan.target_region(t) for t in range(len(targets))]
     sums = [torch.zeros((C,) + tuple(s.stop - s.start for s in r)) for r in regions]
     sqs = [torch.zeros_like(s) for s in sums] if set(variants) - {"mean"} else None
@@ -306,7 +308,10 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
             del xs, xp, grads
     results = []
     for t, tg in enumerate(targets):
-        mean = sums[t] / n_samples
+        # in place, and the sums dropped as each target's maps are made: the returned maps
+        # are the only region-sized arrays left (no second copy of every target's sums)
+        mean = sums[t].div_(n_samples)
+        sums[t] = None
         maps = {}
         for v in variants:
             if v == "mean":
@@ -316,6 +321,8 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
             else:
                 arr = (sqs[t] / n_samples - mean * mean).clamp_min(0)
             maps[v] = SparseMap(regions[t], arr.float().cpu().numpy(), shape)
+        if sqs is not None:
+            sqs[t] = None
         results.append(InstanceSaliency(tg.name, "smoothgrad", maps,
                                         len(plan.target_windows[t])))
     return results
