@@ -336,15 +336,10 @@ def map_features(saliency, mask, spacing, channel_names: Sequence[str] = ("FLAIR
         Saliency not 4D, channel count or spatial shape differing, NaN/Inf saliency near the
         lesion, empty or non-binary mask, invalid spacing, ``rim_mm`` or ``levels``.
     """
-    from .quantify import _names, signed_distance_mm
+    from .quantify import _names, _saliency_array, signed_distance_mm
 
     method, chs = _names(method, channel_names)
-    s_full = np.asarray(saliency)
-    if s_full.ndim != 4:
-        raise InputError(f"saliency must have shape (C, X, Y, Z), got {s_full.shape}")
-    if s_full.shape[0] != len(chs):
-        raise InputError(f"saliency has {s_full.shape[0]} channels but {len(chs)} channel "
-                         f"names were given")
+    s_full = _saliency_array(saliency, chs)
     if not (isinstance(levels, (int, np.integer)) and levels >= 2):
         raise InputError(f"levels must be an integer >= 2, got {levels!r}")
     try:

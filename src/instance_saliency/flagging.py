@@ -473,6 +473,35 @@ def _prepare_rows(instances: pd.DataFrame):
     return status, subj_all, pred, fn_by_subject
 
 
+def _subjects_with_both(subj: np.ndarray, is_fp: np.ndarray) -> list:
+    """Subjects (sorted) that hold both TP and FP lesions."""
+    return sorted(s for s in np.unique(subj) if is_fp[subj == s].any()
+                  and (~is_fp[subj == s]).any())
+
+
+def _flagging_rows(instances: pd.DataFrame):
+    """The predicted lesions to flag, or a "not enough data" result.
+
+    Returns
+    -------
+    dict or tuple
+        ``{"status": "not enough data", ...}`` without subject/status columns or with fewer
+        than two subjects holding both TP and FP lesions; otherwise ``(status_all,
+        subjects_all, is_predicted, fn_by_subject, predicted_rows, their_subjects, is_fp)``.
+    """
+    if "subject" not in instances or "status" not in instances:
+        return {"status": "not enough data", "reason": "no subject/status columns"}
+    status_all, subj_all, pred, fn_by_subject = _prepare_rows(instances)
+    subj = subj_all[pred]
+    y = status_all[pred] == "FP"
+    both = _subjects_with_both(subj, y)
+    if len(both) < 2:
+        return {"status": "not enough data",
+                "reason": f"{len(both)} subject(s) with both TP and FP lesions (need >= 2)",
+                "n_tp": int((~y).sum()), "n_fp": int(y.sum())}
+    return status_all, subj_all, pred, fn_by_subject, instances[pred], subj, y
+
+
 def _evaluate_set(df, X: pd.DataFrame, y, subj, status_all, subj_all, fn_by_subject,
                   n_splits, inner_splits, grid, seed, rule, n_boot, level) -> dict:
     st = _stats()
@@ -577,17 +606,10 @@ def compare_feature_sets(instances: pd.DataFrame, methods: Sequence[str] | None 
                          f"{inner_splits}")
     if threshold_rule not in ("f1", "youden"):
         raise InputError(f"threshold rule must be 'f1' or 'youden', got {threshold_rule!r}")
-    if "subject" not in instances or "status" not in instances:
-        return {"status": "not enough data", "reason": "no subject/status columns"}
-    status_all, subj_all, pred, fn_by_subject = _prepare_rows(instances)
-    df = instances[pred]
-    subj = subj_all[pred]
-    y = status_all[pred] == "FP"
-    both = sorted(s for s in np.unique(subj) if y[subj == s].any() and (~y[subj == s]).any())
-    if len(both) < 2:
-        return {"status": "not enough data",
-                "reason": f"{len(both)} subject(s) with both TP and FP lesions (need >= 2)",
-                "n_tp": int((~y).sum()), "n_fp": int(y.sum())}
+    rows = _flagging_rows(instances)
+    if isinstance(rows, dict):
+        return rows
+    status_all, subj_all, pred, fn_by_subject, df, subj, y = rows
     methods = list(methods) if methods is not None else methods_in(df.columns)
     args = (y, subj, status_all, subj_all, fn_by_subject, n_splits, inner_splits, grid, seed,
             threshold_rule, n_boot, level)
@@ -618,7 +640,7 @@ def compare_feature_sets(instances: pd.DataFrame, methods: Sequence[str] | None 
             if "ci_note" in bs:
                 d["ci_note"] = bs["ci_note"]
         entry = {"saliency": sal, "delta_auc": d}
-        entry["sentence"] = plain_sentence(m, base, sal, d, len(both))
+        entry["sentence"] = plain_sentence(m, base, sal, d, len(_subjects_with_both(subj, y)))
         out_methods[m] = entry
         preds[f"prob_fp_{m}"] = sal["oof"]
         preds[f"flagged_{m}"] = sal["flagged"]
@@ -769,7 +791,7 @@ def fit_flagger(instances: pd.DataFrame, feature_set: str = "saliency",
     df = instances[pred]
     subj = subj_all[pred]
     y = status[pred] == "FP"
-    both = [s for s in np.unique(subj) if y[subj == s].any() and (~y[subj == s]).any()]
+    both = _subjects_with_both(subj, y)
     if len(both) < 2:
         raise InputError(f"cannot fit a flagger: {len(both)} subject(s) with both TP and FP "
                          "lesions (need >= 2)")
@@ -993,17 +1015,10 @@ def flag_errors(instances: pd.DataFrame, features: Sequence[str] | None = None,
     st = _stats()
     if n_splits < 2:
         raise InputError(f"n_splits must be at least 2, got {n_splits}")
-    if "subject" not in instances or "status" not in instances:
-        return {"status": "not enough data", "reason": "no subject/status columns"}
-    status, subj_all, pred_rows, fn_by_subject = _prepare_rows(instances)
-    df = instances[pred_rows]
-    subj = subj_all[pred_rows]
-    y = status[pred_rows] == "FP"
-    both = sorted(s for s in np.unique(subj) if y[subj == s].any() and (~y[subj == s]).any())
-    if len(both) < 2:
-        return {"status": "not enough data",
-                "reason": f"{len(both)} subject(s) with both TP and FP lesions (need >= 2)",
-                "n_tp": int((~y).sum()), "n_fp": int(y.sum())}
+    rows = _flagging_rows(instances)
+    if isinstance(rows, dict):
+        return rows
+    status, subj_all, pred_rows, fn_by_subject, df, subj, y = rows
     if features is None:
         X = lesion_features(df, include_log_volume)
     else:

@@ -290,6 +290,23 @@ def distance_profile(saliency_3d, mask, spacing, bins_mm):
     return (edges[:-1] + edges[1:]) / 2, means, counts
 
 
+def _saliency_array(saliency, chs) -> np.ndarray:
+    """``saliency`` as a ``(C, X, Y, Z)`` array with one channel per name in ``chs``.
+
+    Raises
+    ------
+    InputError
+        Not 4D, or a channel count that differs from the names.
+    """
+    s_full = np.asarray(saliency)
+    if s_full.ndim != 4:
+        raise InputError(f"saliency must have shape (C, X, Y, Z), got {s_full.shape}")
+    if s_full.shape[0] != len(chs):
+        raise InputError(f"saliency has {s_full.shape[0]} channels but {len(chs)} channel "
+                         f"names were given")
+    return s_full
+
+
 def _names(method: str, channel_names) -> tuple:
     if not isinstance(method, str) or not method.strip():
         raise InputError(f"method must be a non-empty name, got {method!r}")
@@ -396,12 +413,7 @@ def quantify_instance(saliency, mask, spacing, channel_names=("FLAIR", "MPRAGE")
     inside_mm = _check_shells(inside_mm, "inside_mm")
     share_margin_mm = _check_distance(share_margin_mm, "share_margin_mm")
     peak_margin_mm = _check_distance(peak_margin_mm, "peak_margin_mm")
-    s_full = np.asarray(saliency)
-    if s_full.ndim != 4:
-        raise InputError(f"saliency must have shape (C, X, Y, Z), got {s_full.shape}")
-    if s_full.shape[0] != len(chs):
-        raise InputError(f"saliency has {s_full.shape[0]} channels but {len(chs)} channel "
-                         f"names were given")
+    s_full = _saliency_array(saliency, chs)
     max_d = max(max(outside_mm, default=0.0), share_margin_mm, peak_margin_mm)
     m, sp, crop, d = _prepare(mask, spacing, max_d)
     if s_full.shape[1:] != m.shape:
