@@ -385,8 +385,10 @@ def test_explain_prints_plan_expected_time_and_every_step(synth, tmp_path, capsy
     assert lines[0].startswith("explain: SmoothGrad with N = 1 noise samples (--n-samples; "
                                "explain default 50 as in the seed paper, demo 4)")
     assert "1 network(s) (model) = 1 pass(es) per window" in lines[0]
+    # each method's maps are quantified and written right after the method has run
     steps = ["predicting (sliding window)", "lesion instance(s)", "SmoothGrad: ",
-             "Grad-CAM++: ", "quantifying and writing the maps"]
+             "SmoothGrad: quantifying and writing the maps", "Grad-CAM++: ",
+             "Grad-CAM++: quantifying and writing the maps"]
     pos = [next(i for i, ln in enumerate(lines) if s in ln) for s in steps]
     assert pos == sorted(pos)
     inst = lines[pos[1]]

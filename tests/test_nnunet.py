@@ -517,7 +517,7 @@ def test_explain_full_size_scan_end_to_end(tmp_path, capsys, folder, channels):
     out = tmp_path / "out"
     argv = ["explain", "--model", str(folder), "--folds", "0", "--no-mirroring",
             "--n-samples", "1", "--min-size", "3000", "--min-size-unit", "mm3", "--no-figures",
-            "--quiet", "--out", str(out)]
+            "--quiet", "--maps", "full", "--out", str(out)]
     for c in channels:
         argv += ["--image", f"{c}={files[c]}"]
     assert main(argv) == 0
@@ -629,7 +629,8 @@ def test_three_channel_module_end_to_end(tmp_path):
         nib.save(nib.Nifti1Image(a, np.diag([1.0, 1.2, 0.9, 1.0])), str(imgs[name]))
     out = tmp_path / "out"
     explain(None, None, out, images=imgs, model=model,
-            config=ExplainConfig(n_samples=1, figures=False), progress=False, log=lambda m: None)
+            config=ExplainConfig(n_samples=1, figures=False, maps="full"), progress=False,
+            log=lambda m: None)
     t = pd.read_csv(out / "instances_full.csv")  # full precision: the share is recomputed
     assert len(t) >= 1
     for ch in ("flair", "t1", "t2"):

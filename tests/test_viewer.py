@@ -88,7 +88,7 @@ def test_viewer_loads_offline_without_errors(browser_page):
 
 def test_click_third_row_moves_crosshair_to_centroid_with_overlay(browser_page, tmp_path):
     page, log, case = browser_page
-    table = pd.read_csv(case["run"] / "instances.csv").set_index("label")
+    table = pd.read_csv(case["run"] / "instances_full.csv").set_index("label")  # full precision
     row = page.locator("#isv-table tbody tr").nth(2)
     label = int(row.get_attribute("data-label"))
     row.click()
