@@ -98,7 +98,7 @@ class ExplainConfig:
     cam_layer: str | None = None
     seed: int = 0
     batch_size: int = 1
-    sw_batch_size: int = 4
+    sw_batch_size: int = 2
     max_instances: int = 300
     share_margin_mm: float = 2.0
     peak_margin_mm: float = 3.0
