@@ -327,6 +327,26 @@ def test_pool_checks_over_a_cohort(tmp_path):
     assert abs(pair["median_aopc_difference"]) == pytest.approx(1.5)
     assert pair["n_lesions"] == 30 and pair["wilcoxon_p"] < 1e-3
     md = checks_markdown(pooled)
+    assert pooled["methods"]["model"]["context_not_recovered"] == 0
     assert "SmoothGrad passes the randomisation check" in md
     assert "Grad-CAM++ does not pass the deletion check" in md
     assert "recovers 7 [7, 7] (n = 30) mm" in md
+
+
+def test_check_refuses_bad_runs_and_context_lists(tmp_path):
+    """One-line errors before any work: a missing folder, a predict run, a reversed or
+    decreasing --context-mm."""
+    import json
+
+    from instance_saliency import cli
+    from instance_saliency.checks import run_checks
+
+    with pytest.raises(InputError, match="does not exist"):
+        run_checks(tmp_path / "nope")
+    (tmp_path / "run.json").write_text(json.dumps({"command": "predict", "parameters": {},
+                                                   "inputs": {}, "model": {"channels": []}}))
+    with pytest.raises(InputError, match="is a predict run, not an explain run"):
+        run_checks(tmp_path)
+    with pytest.raises(InputError, match="increasing distances"):
+        CheckConfig(context_mm=(6.0, 4.0)).validate()
+    assert cli.main(["check", str(tmp_path), "--context-mm", "6:0:2"]) == 2

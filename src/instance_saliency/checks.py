@@ -140,6 +140,10 @@ class CheckConfig:
             raise InputError("--detect-fraction must be in (0, 1]")
         if any(not (d >= 0 and np.isfinite(d)) for d in self.context_mm):
             raise InputError("--context-mm values must be finite and >= 0")
+        if "context" in self.checks and (not self.context_mm or any(
+                b <= a for a, b in zip(self.context_mm, self.context_mm[1:]))):
+            raise InputError("--context-mm must be one or more increasing distances, got "
+                             f"{list(self.context_mm)}")
 
 
 # --------------------------------------------------------------------------- geometry
@@ -799,6 +803,8 @@ def run_checks(run_dir: str | Path, cfg: CheckConfig | None = None, *, model=Non
     cfg.validate()
     run_dir = Path(run_dir)
     rj = run_dir / RUN_FILE
+    if not run_dir.is_dir():
+        raise InputError(f"run folder {run_dir} does not exist")
     if not rj.is_file():
         raise InputError(f"{run_dir} is not a finished explain run (no {RUN_FILE})")
     if (run_dir / "checks.csv").exists() and not overwrite:
@@ -810,6 +816,9 @@ def run_checks(run_dir: str | Path, cfg: CheckConfig | None = None, *, model=Non
         channels = run["model"]["channels"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise InputError(f"{rj} is not a valid run file ({type(e).__name__}: {e})") from None
+    if run.get("command", "explain") != "explain" or not (run_dir / "instances.nii.gz").is_file():
+        raise InputError(f"{run_dir} is a {run.get('command', 'partial')} run, not an explain "
+                         "run: `check` needs the output folder of `instance-saliency explain`")
     if model is None:
         folder = run["model"].get("folder")
         excluded = run["model"].get("excluded_subjects") or []
@@ -964,7 +973,7 @@ def pool_checks(cohort_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> di
             m["randomisation_spearman_abs"] = med(ra, "spearman_abs_full")
             m["randomisation_ssim"] = med(ra, "ssim_full")
             hi = m["randomisation_spearman_abs"]["ci_high"]
-            m["randomisation_passes"] = bool(np.isfinite(hi) and hi < 0.5)
+            m["randomisation_passes"] = bool(hi < 0.5) if np.isfinite(hi) else None
         de = g[g["check"] == "deletion"]
         if len(de) and "aopc_background_minus_random" in de and \
                 de["aopc_background_minus_random"].notna().any():
@@ -974,10 +983,15 @@ def pool_checks(cohort_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> di
             if de["insertion"].notna().any():
                 m["insertion"] = med(de, "insertion")
             lo = m["deletion_aopc_minus_random"]["ci_low"]
-            m["deletion_passes"] = bool(np.isfinite(lo) and lo > 0)
+            m["deletion_passes"] = bool(lo > 0) if np.isfinite(lo) else None
         co = g[g["check"] == "context"]
-        if len(co) and co["recovery_mm"].notna().any():
-            m["context_recovery_mm"] = med(co, "recovery_mm")
+        if len(co):
+            if co["recovery_mm"].notna().any():
+                m["context_recovery_mm"] = med(co, "recovery_mm")
+            m["context_not_recovered"] = int(co["recovery_mm"].isna().sum())
+            m["context_lesions"] = int(len(co))
+            if "dice_at_max" in co and co["dice_at_max"].notna().any():
+                m["context_dice_at_max"] = med(co, "dice_at_max")
         out["methods"][method] = m
     de = df[df["check"] == "deletion"]
     if "aopc_background" in de:
@@ -1034,18 +1048,23 @@ def checks_markdown(pooled: dict | None) -> str:
         if method == "model":
             continue
         lab = _LABELS.get(method, method)
+        verdict = {True: "passes", False: "does not pass",
+                   None: "cannot be judged (CI not estimable: too few subjects) on"}
         if "randomisation_passes" in m:
-            lines.append(f"- {lab} {'passes' if m['randomisation_passes'] else 'does not pass'}"
-                         " the randomisation check (rule: upper CI bound of the median Spearman "
-                         "abs(map) similarity below 0.5).")
+            lines.append(f"- {lab} {verdict[m['randomisation_passes']]} the randomisation "
+                         "check (rule: upper CI bound of the median Spearman abs(map) "
+                         "similarity below 0.5).")
         if "deletion_passes" in m:
-            lines.append(f"- {lab} {'passes' if m['deletion_passes'] else 'does not pass'} the "
-                         "deletion check (rule: lower CI bound of the median AOPC minus random "
-                         "order above 0).")
-    ctx = pooled["methods"].get("model", {}).get("context_recovery_mm")
+            lines.append(f"- {lab} {verdict[m['deletion_passes']]} the deletion check (rule: "
+                         "lower CI bound of the median AOPC minus random order above 0).")
+    cm = pooled["methods"].get("model", {})
+    ctx = cm.get("context_recovery_mm")
     if ctx:
         lines.append(f"- Context: median distance at which detection recovers {ci(ctx)} mm "
                      "(seed paper: about 7 mm).")
+    if cm.get("context_lesions"):
+        lines.append(f"- Context: {cm['context_not_recovered']} of {cm['context_lesions']} TP "
+                     "lesion(s) not detected even with the largest context shell tested.")
     for p in pooled["pairwise"]:
         lines.append(f"- Deletion AOPC, {_LABELS.get(p['a'], p['a'])} − "
                      f"{_LABELS.get(p['b'], p['b'])}: median {f(p['median_aopc_difference'])} "

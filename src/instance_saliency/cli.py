@@ -486,7 +486,7 @@ def _float_list(text: str, name: str) -> tuple:
     try:
         if ":" in text:
             a, b, c = (float(v) for v in text.split(":"))
-            if c <= 0:
+            if c <= 0 or b < a:
                 raise ValueError
             return tuple(float(v) for v in np.arange(a, b + c / 2, c))
         return tuple(float(v) for v in text.split(",") if v.strip())

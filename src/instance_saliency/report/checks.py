@@ -123,13 +123,15 @@ def verdict(summary: dict) -> str:
         s = d.get("median_spearman_abs_full")
         if s is not None:
             parts.append(f"{_LABELS.get(method, method)}: median Spearman |map| after full "
-                         f"randomisation {s:.2f} ({'passes' if abs(s) < 0.5 else 'fails'} the "
-                         "randomisation check, threshold |rho| < 0.5)")
+                         f"randomisation {s:.2f} (lower = the map depends more on the learned "
+                         "weights; `analyze` applies the pass rule with subject-bootstrap CIs "
+                         "over a cohort)")
     for method, d in sorted(summary.get("deletion", {}).items()):
         a = d.get("median_aopc_background_minus_random")
         if a is not None:
             parts.append(f"{_LABELS.get(method, method)}: median deletion AOPC minus random "
-                         f"{a:+.3f} ({'more' if a > 0 else 'not more'} faithful than random order)")
+                         f"{a:+.3f} logit (positive = removing what the map ranks first lowers "
+                         "the lesion's logit faster than random order)")
     ctx = summary.get("context", {}).get("model", {})
     if "median_recovery_mm" in ctx:
         parts.append(f"context: median recovery distance {ctx['median_recovery_mm']:.1f} mm "
