@@ -479,6 +479,24 @@ def _subjects_with_both(subj: np.ndarray, is_fp: np.ndarray) -> list:
                   and (~is_fp[subj == s]).any())
 
 
+def _oof_auc(y: np.ndarray, oof: np.ndarray, subj: np.ndarray, n_boot: int, seed: int,
+             level: float) -> dict:
+    """Out-of-fold AUC of the lesions with a probability, with its subject-bootstrap CI."""
+    st = _stats()
+    covered = np.isfinite(oof)
+    yc, pc = y[covered], oof[covered]
+    auc = {"auc": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
+           "n_valid": 0, "n": int(covered.sum())}
+    if yc.any() and (~yc).any():
+        auc["auc"] = st._auc(yc, pc)
+        bs = st.subject_bootstrap(subj[covered], lambda i: st._auc(yc[i], pc[i]), n_boot, seed,
+                                  level)
+        auc.update(ci_low=bs["ci_low"], ci_high=bs["ci_high"], n_valid=bs["n_valid"])
+        if "ci_note" in bs:  # e.g. fewer than 3 subjects
+            auc["ci_note"] = bs["ci_note"]
+    return auc
+
+
 def _flagging_rows(instances: pd.DataFrame):
     """The predicted lesions to flag, or a "not enough data" result.
 
@@ -504,22 +522,12 @@ def _flagging_rows(instances: pd.DataFrame):
 
 def _evaluate_set(df, X: pd.DataFrame, y, subj, status_all, subj_all, fn_by_subject,
                   n_splits, inner_splits, grid, seed, rule, n_boot, level) -> dict:
-    st = _stats()
     X = X.loc[:, X.notna().any()]
     Xv = X.to_numpy(dtype=np.float64)
     cv = nested_cv(Xv, y, subj, fn_by_subject, n_splits, inner_splits, grid, seed, rule)
     oof, flagged = cv["oof"], cv["flagged"]
-    covered = np.isfinite(oof)
-    auc = {"auc": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
-           "n_valid": 0, "n": int(covered.sum()), "level": level}
-    yc, pc = y[covered], oof[covered]
-    if yc.any() and (~yc).any():
-        auc["auc"] = st._auc(yc, pc)
-        bs = st.subject_bootstrap(subj[covered], lambda i: st._auc(yc[i], pc[i]), n_boot, seed,
-                                  level)
-        auc.update(ci_low=bs["ci_low"], ci_high=bs["ci_high"], n_valid=bs["n_valid"])
-        if "ci_note" in bs:  # e.g. fewer than 3 subjects
-            auc["ci_note"] = bs["ci_note"]
+    auc = _oof_auc(y, oof, subj, n_boot, seed, level)
+    auc["level"] = level
     evaluated = _names(set(subj_all) - set(cv["skipped_subjects"]))
     ev = np.isin(subj_all, evaluated)
     tp0 = int((ev & (status_all == "TP")).sum())
@@ -1012,7 +1020,6 @@ def flag_errors(instances: pd.DataFrame, features: Sequence[str] | None = None,
     InputError
         ``n_splits`` < 2, or a ``features`` column missing.
     """
-    st = _stats()
     if n_splits < 2:
         raise InputError(f"n_splits must be at least 2, got {n_splits}")
     rows = _flagging_rows(instances)
@@ -1051,17 +1058,7 @@ def flag_errors(instances: pd.DataFrame, features: Sequence[str] | None = None,
         flagged[te] = p_te >= thr
         fold["threshold"] = thr
         folds.append(fold)
-    covered = np.isfinite(oof)
-    yc, pc = y[covered], oof[covered]
-    auc = {"auc": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
-           "n_valid": 0, "n": int(covered.sum())}
-    if yc.any() and (~yc).any():
-        auc["auc"] = st._auc(yc, pc)
-        bs = st.subject_bootstrap(subj[covered], lambda i: st._auc(yc[i], pc[i]), n_boot, seed,
-                                  level)
-        auc.update(ci_low=bs["ci_low"], ci_high=bs["ci_high"], n_valid=bs["n_valid"])
-        if "ci_note" in bs:  # e.g. fewer than 3 subjects
-            auc["ci_note"] = bs["ci_note"]
+    auc = _oof_auc(y, oof, subj, n_boot, seed, level)
     evaluated = sorted(set(subj_all) - set(skipped))
     ev_all = np.isin(subj_all, evaluated)
     tp0 = int((ev_all & (status == "TP")).sum())
