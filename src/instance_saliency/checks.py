@@ -219,7 +219,7 @@ def road_impute(x: np.ndarray, removed: np.ndarray, noise: float, rng) -> np.nda
         return out
     pos = -np.ones(removed.shape, dtype=np.int64)
     pos[tuple(idx.T)] = np.arange(m)
-    rows, cols, vals = [np.arange(m)], [np.arange(m)], []
+    rows, cols = [np.arange(m)], [np.arange(m)]
     deg = np.zeros(m)
     rhs = np.zeros((x.shape[0], m))
     off_r, off_c = [], []
@@ -238,10 +238,9 @@ def road_impute(x: np.ndarray, removed: np.ndarray, noise: float, rng) -> np.nda
             known = i_in[~unknown]
             kv = x[(slice(None),) + tuple(nbi[~unknown].T)]
             np.add.at(rhs, (slice(None), known), kv)
-    vals = [np.maximum(deg, 1.0)]
     r = np.concatenate(rows + off_r)
     c = np.concatenate(cols + off_c)
-    v = np.concatenate(vals + [-np.ones(sum(len(o) for o in off_r))])
+    v = np.concatenate([np.maximum(deg, 1.0), -np.ones(sum(len(o) for o in off_r))])
     A = coo_matrix((v, (r, c)), shape=(m, m)).tocsc()
     for ch in range(x.shape[0]):
         sol = spsolve(A, rhs[ch])
@@ -614,6 +613,7 @@ def check_lesions(model, x: np.ndarray, lesions: Sequence[np.ndarray], labels: S
     cost : dict
         Seconds and windows re-run per check.
     """
+    from .models.base import distinct_networks
     from .targets import InstanceTarget
 
     cfg.validate()
@@ -631,11 +631,11 @@ def check_lesions(model, x: np.ndarray, lesions: Sequence[np.ndarray], labels: S
     maps0 = compute_maps(model, xt, targets, methods, grid, cam_layer, cfg) if targets else {}
     cost["maps_s"] = round(time.time() - t0, 2)
     pred = LocalPredictor(model.network, grid, model.lesion_class, threshold, cfg.sw_batch_size)
+    bg = background_values(x)  # each channel's value outside the brain (deletion, context)
 
     if "randomisation" in cfg.checks and targets:
         t0 = time.time()
-        nets = list(dict.fromkeys(id(m.net) for m in model.members))
-        networks = [next(m.net for m in model.members if id(m.net) == i) for i in nets]
+        networks = distinct_networks(model.members)
         groups = layer_groups(randomisation_layers(networks[0]), cfg.stages)
         plans = [("cascading", s + 1, [n for g in groups[:s + 1] for n in g])
                  for s in range(len(groups))]
@@ -667,7 +667,6 @@ def check_lesions(model, x: np.ndarray, lesions: Sequence[np.ndarray], labels: S
     if "deletion" in cfg.checks and targets:
         t0 = time.time()
         f0 = pred.forwards
-        bg = background_values(x)
         bases = {}
         for b in cfg.baselines:
             if b == "background":
@@ -743,7 +742,6 @@ def check_lesions(model, x: np.ndarray, lesions: Sequence[np.ndarray], labels: S
     if "context" in cfg.checks:
         t0 = time.time()
         f0 = pred.forwards
-        bg = background_values(x)
         dists = [float(d) for d in cfg.context_mm]
         for t, (lab, st, les) in enumerate(zip(labels, statuses, lesions)):
             if st != "TP":
