@@ -21,8 +21,8 @@ import os
 from pathlib import Path
 
 from ..errors import ModelError
-from .base import (EnsembleNetwork, Member, Mirrored, Prepared, SegmentationModel,  # noqa: F401
-                   as_module, ensemble_members, members_of, mirror_combinations)
+from .base import (EnsembleNetwork, HistogramRemap, Member, Mirrored, Prepared,  # noqa: F401
+                   SegmentationModel, as_module, ensemble_members, members_of, mirror_combinations)
 from .checkpoint import (CONFIG_NAME, WEIGHTS_NAME, ModelConfig, default_model_dir,  # noqa: F401
                          load_checkpoint, load_checkpoint_model, load_legacy_state_dict,
                          read_config, save_checkpoint)
@@ -81,7 +81,8 @@ def _folder_hint(file: Path) -> str:
 
 def load_model(spec: str | os.PathLike | None = None, device="cpu", *, folds=None,
                checkpoint: str | None = None, mirroring: bool | None = None,
-               step_size: float | None = None, lesion_label=None) -> SegmentationModel:
+               step_size: float | None = None, lesion_label=None,
+               exclude_subjects=()) -> SegmentationModel:
     """Load any model folder as a :class:`SegmentationModel`.
 
     Parameters
@@ -94,6 +95,9 @@ def load_model(spec: str | os.PathLike | None = None, device="cpu", *, folds=Non
         nnU-Net options (:func:`.nnunet.load_nnunet_model`); refused for other kinds.
     mirroring : bool, optional
         Test-time mirroring (nnU-Net default on; checkpoints: as in ``config.json``).
+    exclude_subjects : sequence of str
+        Checkpoints only: leave out ensemble members trained on these subjects (their
+        ``trained_on``); nnU-Net folders do not record their training scans.
 
     Raises
     ------
@@ -116,4 +120,4 @@ def load_model(spec: str | os.PathLike | None = None, device="cpu", *, folds=Non
     if given:
         raise InputError(f"{', '.join(given)} apply to nnU-Net model folders only; "
                          f"{spec or 'the shipped model'} is an instance-saliency checkpoint")
-    return load_checkpoint_model(spec, device, mirroring)
+    return load_checkpoint_model(spec, device, mirroring, exclude_subjects=exclude_subjects)

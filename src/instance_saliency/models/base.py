@@ -17,6 +17,12 @@ and the ensemble of folds. :class:`SegmentationModel` describes that procedure o
 Mirroring and fold averaging are linear in the members' logits, so an instance target (a sum of
 logits) of the ensemble is the weighted sum of the members' targets and its input gradient the
 weighted sum of their gradients.
+
+Ensemble members whose input standard differs (histogram standardisation learnt on different
+training scans, :func:`instance_saliency.io.standardise_histogram`) see the ensemble's common
+standard through :class:`HistogramRemap`, a fixed piecewise-linear map that reproduces each
+member's own standardisation exactly, so the ensemble stays one differentiable function of one
+input.
 """
 
 from __future__ import annotations
@@ -52,6 +58,71 @@ class Mirrored(torch.nn.Module):
         return torch.flip(self.net(torch.flip(x, dims)), dims)
 
 
+class HistogramRemap(torch.nn.Module):
+    """Voxel-wise, piecewise-linear map of a histogram-standardised input from one standard
+    scale onto another, keeping exact zeros (background) at zero.
+
+    Nyúl standardisation (:func:`instance_saliency.io.standardise_histogram`) maps an image's
+    landmarks ``l`` piecewise linearly onto a standard ``s`` (end segments extended). Two
+    standards ``s`` and ``t`` applied to the same image differ by the fixed map
+    ``s_i -> t_i`` (same segments, end slopes extended), whatever the image: so an ensemble
+    member trained on standard ``t`` receives exactly its own input when the ensemble's input
+    is standardised on ``s`` and passed through this map. (For noisy inputs, e.g. SmoothGrad
+    copies, background voxels are no longer exactly zero and are mapped like any other value:
+    the ensemble is then the function ``mean_k net_k(remap_k(x))``, differentiated exactly.)
+
+    Parameters
+    ----------
+    source, target : array-like, shape (C, L)
+        Increasing landmarks per channel of the input's standard and the member's standard.
+
+    Raises
+    ------
+    ValueError
+        Shapes differ or a row is not strictly increasing.
+    """
+
+    def __init__(self, source, target):
+        super().__init__()
+        src = torch.as_tensor(np.asarray(source, dtype=np.float64))
+        dst = torch.as_tensor(np.asarray(target, dtype=np.float64))
+        if src.shape != dst.shape or src.ndim != 2 or src.shape[1] < 2:
+            raise ValueError(f"landmarks must be two (C, L) arrays, got {tuple(src.shape)} "
+                             f"and {tuple(dst.shape)}")
+        if bool((src.diff(dim=1) <= 0).any()) or bool((dst.diff(dim=1) <= 0).any()):
+            raise ValueError("landmarks must increase along each row")
+        slope = dst.diff(dim=1) / src.diff(dim=1)  # (C, L-1)
+        self.register_buffer("src", src.float().contiguous())
+        self.register_buffer("dst", dst.float().contiguous())
+        self.register_buffer("slope", slope.float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *spatial) -> (B, C, *spatial)``."""
+        if x.shape[1] != self.src.shape[0]:
+            raise ValueError(f"input has {x.shape[1]} channels, the remap {self.src.shape[0]}")
+        out = []
+        n_seg = self.slope.shape[1]
+        for c in range(x.shape[1]):
+            v = x[:, c]
+            # segment index: 0 below the 2nd landmark, n_seg - 1 above the last but one
+            seg = torch.bucketize(v.detach().contiguous(), self.src[c, 1:-1].contiguous(), right=True)
+            seg = seg.clamp(0, n_seg - 1)
+            y = self.dst[c][seg] + (v - self.src[c][seg]) * self.slope[c][seg]
+            out.append(torch.where(v == 0, torch.zeros_like(y), y))
+        return torch.stack(out, 1)
+
+
+class _Chain(torch.nn.Module):
+    """``second(first(x))``."""
+
+    def __init__(self, first: torch.nn.Module, second: torch.nn.Module):
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
 @dataclass
 class Member:
     """One term of an ensemble: a network, the axes it mirrors, and its weight.
@@ -66,19 +137,25 @@ class Member:
         Weight of this member's logits in the average (weights sum to 1).
     name : str
         E.g. ``"fold_0"`` or ``"fold_0 mirror (0, 2)"``.
+    input_map : torch.nn.Module, optional
+        Voxel-wise map applied to the ensemble's input before this member
+        (:class:`HistogramRemap` when the member's input standard differs).
     """
 
     net: torch.nn.Module
     flip: tuple = ()
     weight: float = 1.0
     name: str = ""
+    input_map: torch.nn.Module | None = None
     _module: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
     def module(self) -> torch.nn.Module:
-        """The member as a module: the network, or the network between two flips."""
+        """The member as a module: the network, or the network between two flips, after the
+        input map if any (voxel-wise, so it commutes with the flips)."""
         if self._module is None:
-            self._module = Mirrored(self.net, self.flip) if self.flip else self.net
+            m = Mirrored(self.net, self.flip) if self.flip else self.net
+            self._module = _Chain(self.input_map, m) if self.input_map is not None else m
         return self._module
 
 
@@ -104,6 +181,8 @@ class EnsembleNetwork(torch.nn.Module):
         self.members = list(members)
         # register each distinct network once (parameters, .to(), .eval())
         self.nets = torch.nn.ModuleList(distinct_networks(self.members))
+        maps = {id(m.input_map): m.input_map for m in self.members if m.input_map is not None}
+        self.input_maps = torch.nn.ModuleList(maps.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = None
@@ -124,15 +203,28 @@ def mirror_combinations(axes: Sequence[int]) -> list[tuple]:
     return [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
 
 
-def ensemble_members(nets: Sequence[tuple[str, torch.nn.Module]], mirror_axes: Sequence[int] = ()
+def ensemble_members(nets: Sequence[tuple], mirror_axes: Sequence[int] = ()
                      ) -> list[Member]:
     """Members of a fold ensemble with test-time mirroring: equal weights
     ``1 / (n_folds × n_mirror_combinations)``, as nnU-Net averages (mirrorings within a fold,
-    then folds)."""
+    then folds).
+
+    Parameters
+    ----------
+    nets : sequence of (name, module) or (name, module, input_map)
+        One entry per fold; ``input_map`` (or None) is the fold's :attr:`Member.input_map`.
+    mirror_axes : sequence of int
+        Spatial axes whose flip combinations are averaged (:func:`mirror_combinations`).
+    """
     combos = mirror_combinations(mirror_axes)
     w = 1.0 / (len(nets) * len(combos))
-    return [Member(net, c, w, f"{name}" + (f" mirror {c}" if c else ""))
-            for name, net in nets for c in combos]
+    out = []
+    for entry in nets:
+        name, net = entry[0], entry[1]
+        imap = entry[2] if len(entry) > 2 else None
+        out += [Member(net, c, w, f"{name}" + (f" mirror {c}" if c else ""), imap)
+                for c in combos]
+    return out
 
 
 @dataclass
@@ -274,6 +366,9 @@ class SegmentationModel:
     def to(self, device) -> "SegmentationModel":
         for n in self.networks:
             n.to(device)
+        for m in self.members:
+            if m.input_map is not None:
+                m.input_map.to(device)
         return self
 
     def eval(self) -> "SegmentationModel":

@@ -57,7 +57,10 @@ class ModelConfig:
         the plain prediction in logit space, as nnU-Net does (empty = none).
     members : list of str
         Ensemble: sub-folders (each a checkpoint of this architecture) whose logits are
-        averaged; the folder then holds no weights of its own.
+        averaged; the folder then holds no weights of its own. With ``"histogram"``
+        normalisation a member may keep its own ``landmarks``: the ensemble's ``landmarks``
+        are then the common input standard and each member sees it through an exact
+        :class:`~.base.HistogramRemap`.
     trained_on : list of str
         Subjects (public registry names or manifest names) whose scans trained these weights;
         used to keep a demo honest (members that saw the demo scan are left out).
@@ -246,24 +249,39 @@ def load_checkpoint_model(folder: str | os.PathLike | None = None,
                          f"{cfg.channels}, but its network takes {n_in}")
     excluded = {str(s_) for s_ in exclude_subjects}
     used_on: list = []
+    landmarks = cfg.landmarks
     if cfg.members:
-        nets = []
+        nets, member_landmarks = [], []
         for name in cfg.members:
             sub = folder / str(name)
             if not _is_inside_folder(sub, folder):
                 raise ModelError(f"{cfg_path}: ensemble member {name!r} is outside {folder}")
             mcfg = read_config(sub)
-            for key in ("architecture", "arguments", "channels", "roi_size", "normalisation",
-                        "landmarks"):
+            # members may differ in their histogram standard (each fold learnt its own):
+            # they are then fed through an exact remap from the ensemble's standard
+            keys = ["architecture", "arguments", "channels", "roi_size", "normalisation"]
+            if cfg.normalisation != "histogram":
+                keys.append("landmarks")
+            for key in keys:
                 if getattr(mcfg, key) != getattr(cfg, key):
                     raise ModelError(f"ensemble member {sub} differs from {cfg_path} in {key!r}")
             if excluded & set(mcfg.trained_on):
                 continue
             used_on.append({"member": str(name), "trained_on": list(mcfg.trained_on)})
             nets.append((str(name), _load_network(sub, mcfg, sub / CONFIG_NAME).to(device)))
+            member_landmarks.append(mcfg.landmarks)
         if not nets:
             raise ModelError(f"every member of {folder} was trained on "
                              f"{', '.join(sorted(excluded))}")
+        if cfg.normalisation == "histogram":
+            if all(lm == member_landmarks[0] for lm in member_landmarks):
+                landmarks = member_landmarks[0]  # e.g. one member left: its own standard
+            else:
+                from .base import HistogramRemap
+
+                nets = [(n, net, None if lm == landmarks
+                         else HistogramRemap(landmarks, lm).to(device))
+                        for (n, net), lm in zip(nets, member_landmarks)]
     else:
         if excluded & set(cfg.trained_on):
             raise ModelError(f"{folder} was trained on {', '.join(sorted(excluded))}")
@@ -275,7 +293,7 @@ def load_checkpoint_model(folder: str | os.PathLike | None = None,
         source=str(folder) if folder != default_model_dir() else "shipped default",
         lesion_class=cfg.lesion_class, threshold=cfg.threshold,
         cam_layer=DEFAULT_CAM_LAYER.get(cfg.architecture), roi_size=cfg.roi_size,
-        overlap=cfg.overlap, normalisation=cfg.normalisation, landmarks=cfg.landmarks,
+        overlap=cfg.overlap, normalisation=cfg.normalisation, landmarks=landmarks,
         info={"architecture": cfg.architecture, "mirror_axes": axes,
               "members_trained_on": used_on,
               "excluded_subjects": sorted(excluded), "config": asdict(cfg)})
