@@ -333,3 +333,41 @@ def test_analyze_fit_flagger_then_explain_flagger(dataset, model_dir, tmp_path):
     rj = json.loads((run / "run.json").read_text())
     assert rj["parameters"]["flagger"] == str(fl_path)
     assert rj["flagger"]["feature_set"] == "baseline" and len(rj["flagger"]["sha256"]) == 64
+
+
+def test_training_scans_explained_by_the_members_that_never_saw_them(dataset, tmp_path):
+    """A checkpoint ensemble whose members record their training scans: each subject is
+    explained with the members that did not train on it (run.json says which); a subject
+    every member trained on gets the whole model and a warning; --include-training-scans
+    uses the whole model for everyone."""
+    models.ARCHITECTURES["test_cohort_blob"] = BlobDetector
+    try:
+        root = tmp_path / "ens"
+        for name, seen in (("fold_a", ["sub-01", "sub-03"]), ("fold_b", ["sub-02", "sub-03"])):
+            save_checkpoint(root / name, BlobDetector(),
+                            ModelConfig("test_cohort_blob", roi_size=[16, 16, 16],
+                                        trained_on=seen))
+        top = json.loads((root / "fold_a" / "config.json").read_text())
+        top.update(members=["fold_a", "fold_b"], trained_on=["sub-01", "sub-02", "sub-03"])
+        (root / "config.json").write_text(json.dumps(top))
+        out = tmp_path / "cohort"
+        lines = []
+        cohort.run_cohort(dataset, out, ExplainConfig(**CFG), model_dir=root, progress=False,
+                          n_boot=20, log=lines.append)
+
+        def used(subject, where=out):
+            run = json.loads((where / "subjects" / subject / "run.json").read_text())
+            return [m["member"] for m in run["model"]["members_trained_on"]]
+
+        assert used("sub-01") == ["fold_b"]
+        assert used("sub-02") == ["fold_a"]
+        assert used("sub-03") == ["fold_a", "fold_b"]
+        assert used("sub-04") == ["fold_a", "fold_b"]
+        assert any("sub-03 is a training scan" in m for m in lines)
+        assert any(m.startswith("sub-01: a training scan") and "fold_b" in m for m in lines)
+        out2 = tmp_path / "cohort_all"
+        cohort.run_cohort(dataset, out2, ExplainConfig(**CFG), model_dir=root, progress=False,
+                          n_boot=20, log=lines.append, include_training_scans=True)
+        assert used("sub-01", out2) == ["fold_a", "fold_b"]
+    finally:
+        models.ARCHITECTURES.pop("test_cohort_blob", None)

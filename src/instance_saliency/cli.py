@@ -463,7 +463,7 @@ def cmd_cohort(a) -> int:
     res = run_cohort(a.data, a.out, _explain_config(a), model_dir=a.model, shard=shard,
                      overwrite=a.overwrite, progress=not a.quiet,
                      allow_outside_root=a.allow_outside_root, n_boot=a.n_boot, seed=a.seed,
-                     log=_cli_log)
+                     log=_cli_log, include_training_scans=a.include_training_scans)
     return 1 if res["failed"] else 0
 
 
@@ -729,6 +729,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "at the I-th (1-based) of the sorted list; skips the statistics when N > 1")
     co.add_argument("--allow-outside-root", action="store_true",
                     help="allow manifest paths outside the manifest's folder")
+    co.add_argument("--include-training-scans", action="store_true",
+                    help="explain a subject that some ensemble members trained on with the "
+                    "whole model (default: with the members that never saw it, so that its "
+                    "TP/FP/FN are held-out figures)")
     co.add_argument("--n-boot", type=int, default=1000,
                     help="subject-bootstrap resamples of the statistics (default 1000; "
                          "--seed seeds them too)")

@@ -389,10 +389,45 @@ def _parameter_mismatch(run_file: Path, cfg: ExplainConfig, model_folder: str) -
 # the cohort run
 
 
+def _held_out_models(model, model_dir, config: ExplainConfig, include_training_scans: bool,
+                     log):
+    """``subject -> model``: the members of a checkpoint ensemble that did not train on the
+    subject (cached per subject), else ``model``."""
+    from .errors import ModelError
+    from .models import load_model
+
+    trained = {str(s_) for m in model.info.get("members_trained_on", [])
+               for s_ in m.get("trained_on", [])}
+    cache: dict = {}
+    warned: set = set()
+
+    def model_for(subject: str):
+        if include_training_scans or getattr(model, "kind", "") != "checkpoint" \
+                or subject not in trained:
+            return model
+        if subject not in cache:
+            try:
+                cache[subject] = load_model(model_dir, config.device, exclude_subjects=[subject],
+                                            **config.model_options())
+                kept = [m["member"] for m in cache[subject].info["members_trained_on"]]
+                log(f"{subject}: a training scan of some members; explained with the "
+                    f"member(s) that never saw it: {', '.join(kept)}")
+            except ModelError:
+                cache[subject] = model
+                if subject not in warned:
+                    warned.add(subject)
+                    log(f"warning: {subject} is a training scan of the model "
+                        f"({model.source}); its TP/FP/FN are not held-out figures")
+        return cache[subject]
+
+    return model_for
+
+
 def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainConfig,
                model_dir: str | os.PathLike | None = None, shard: tuple | None = None,
                overwrite: bool = False, progress: bool = True, allow_outside_root: bool = False,
-               n_boot: int = 1000, seed: int = 0, log=print) -> dict:
+               n_boot: int = 1000, seed: int = 0, log=print,
+               include_training_scans: bool = False) -> dict:
     """Explain every subject of a dataset into ``out/subjects/<subject>/`` (resumable).
 
     Parameters
@@ -421,6 +456,12 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
         ``config.figures``).
     log : callable
         Receives one-line messages.
+    include_training_scans : bool
+        By default a subject whose name is among the training scans of some members of a
+        checkpoint ensemble (``trained_on``) is explained with the other members only, so that
+        its TP/FP/FN are held-out figures (recorded in its ``run.json``,
+        ``model.members_trained_on``); a subject every member trained on is explained with the
+        whole model and a warning. ``True``: always the whole model.
 
     Returns
     -------
@@ -482,6 +523,7 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
                 if why:
                     raise InputError(f"subject {c.subject} in {sub} was explained with other "
                                      f"parameters ({why}); use the same options or --overwrite")
+    model_for = _held_out_models(model, model_dir, config, include_training_scans, log)
     done, skipped, failed, leftovers = [], [], {}, []
     t0 = time.time()
     bar = tqdm(mine, desc="subjects", unit="subject", disable=not progress, file=sys.stderr,
@@ -499,7 +541,7 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
                 explain(None, None, target, mask=c.mask, model_dir=model_folder,
                         config=config, overwrite=overwrite, progress=False,
                         log=lambda m, s=c.subject: say(f"{s}: {m}"),
-                        images=dict(zip(c.channels, c.images)), model=model)
+                        images=dict(zip(c.channels, c.images)), model=model_for(c.subject))
             except InstanceSaliencyError as e:
                 release_memory()
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
