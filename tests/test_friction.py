@@ -155,6 +155,14 @@ def test_mask_with_non_binary_values_is_refused(tmp_path, capsys):
     assert _err(capsys) == (f"instance-saliency: error: mask file {bad} is not binary: values "
                             "[0.7] besides 0/1 (threshold it first, e.g. at 0.5)")
     assert cli.main(["evaluate", "--pred", str(good), "--mask", str(good)]) == 0
+    # a soft or missing prediction is named as the prediction, not as "mask"
+    assert cli.main(["evaluate", "--pred", str(bad), "--mask", str(good)]) == 2
+    assert _err(capsys).startswith(f"instance-saliency: error: prediction file {bad} is not "
+                                   "binary: values [0.7]")
+    assert cli.main(["evaluate", "--pred", str(tmp_path / "none.nii.gz"),
+                     "--mask", str(good)]) == 2
+    assert _err(capsys) == ("instance-saliency: error: prediction file not found: "
+                            f"{tmp_path / 'none.nii.gz'}")
 
 
 def test_cohort_failures_leave_no_lock_file(tmp_path):

@@ -403,7 +403,7 @@ def cmd_evaluate(a) -> int:
     for subj, p, m in pairs:
         ref = load_volume(m, "mask")
         gt = load_mask(m)
-        pr = load_mask(p, ref, m)
+        pr = load_mask(p, ref, m, role="prediction")
         spacing = tuple(float(v) for v in np.linalg.norm(ref.affine[:3, :3], axis=0))
         rows.append({"subject": subj, **evaluate_pair(gt, pr, spacing, a.iou_threshold,
                                                       a.connectivity)})

@@ -115,28 +115,29 @@ def _check_same_grid(ref: nib.Nifti1Image, ref_path, img: nib.Nifti1Image, path,
 
 
 def load_mask(path: str | os.PathLike, ref: nib.Nifti1Image | None = None,
-              ref_path=None) -> np.ndarray:
+              ref_path=None, role: str = "mask") -> np.ndarray:
     """Load a binary lesion mask as uint8 ``(X, Y, Z)``.
 
     Every voxel must be 0 or 1 within :data:`MASK_TOL` (a float 0/1 mask is fine, and so is
     float storage noise such as 0.9999); other values, such as 0.7 from an interpolated or
     probability map, are refused rather than rounded. When
-    ``ref`` is given the mask must lie on the same grid.
+    ``ref`` is given the mask must lie on the same grid. ``role`` names the file in errors
+    (``"mask"``, ``"prediction"``).
 
     Raises
     ------
     InputError
         As :func:`load_volume`, plus non-binary values or another grid.
     """
-    img = load_volume(path, "mask")
+    img = load_volume(path, role)
     if ref is not None:
-        _check_same_grid(ref, ref_path, img, path, "mask")
+        _check_same_grid(ref, ref_path, img, path, role)
     raw = np.asarray(img.dataobj, dtype=np.float64)
     data = np.rint(raw)
     bad = ~np.isin(data, (0.0, 1.0)) | (np.abs(raw - data) > MASK_TOL)
     if bad.any():
         vals = [float(f"{v:.4g}") for v in np.unique(raw[bad])[:5]]
-        raise InputError(f"mask file {path} is not binary: values {vals} besides 0/1 "
+        raise InputError(f"{role} file {path} is not binary: values {vals} besides 0/1 "
                          "(threshold it first, e.g. at 0.5)")
     return data.astype(np.uint8)
 
