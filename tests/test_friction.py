@@ -597,3 +597,28 @@ def test_round_table_rule():
     assert (r.prob_max, r.flagger_prob_fp, r.smoothgrad_flair_share, r.iou) == (
         0.9877, 0.4846, 0.1235, 0.3333)
     assert r.centroid_x_mm == 12.35 and r.volume_mm3 == 7.0
+
+
+def test_sigterm_removes_the_staging_folder(synth, tmp_path):
+    """A run stopped by SIGTERM (scheduler time limit, torchrun, kill) cleans up as after
+    Ctrl-C: no staging folder beside --out, no --out, exit status 143."""
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from _helpers import Detector
+from instance_saliency import cli, models
+
+class Killed(Detector):
+    def forward(self, x):  # the scheduler stops the job while the model runs
+        os.kill(os.getpid(), signal.SIGTERM)
+        return super().forward(x)
+
+models.ARCHITECTURES["test_friction_detector"] = Killed
+sys.exit(cli.main({["explain", "--flair", str(synth["flair"]), "--mprage", str(synth["t1"]),
+                    "--model", str(synth["model"]), "--out", str(tmp_path / "run"), *FAST]!r}))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 143, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("instance-saliency: terminated (SIGTERM)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -823,14 +823,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"instance-saliency: error: a command is required ({', '.join(names)}); see "
               "instance-saliency --help", file=sys.stderr)
         return 2
+    previous = _terminate_like_interrupt()
     try:
         return int(args.func(args) or 0)
     except InstanceSaliencyError as e:
         print(f"instance-saliency: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("instance-saliency: terminated (SIGTERM); nothing half-written was kept",
+              file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("instance-saliency: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, torchrun stopping its workers, ``kill``) raised as
+    an interrupt, so that staging folders are removed as after Ctrl-C."""
+
+
+def _terminate_like_interrupt():
+    """Route SIGTERM to :class:`_Terminated`; return the previous handler (None when signals
+    cannot be set here, e.g. outside the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover
