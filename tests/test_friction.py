@@ -622,3 +622,12 @@ sys.exit(cli.main({["explain", "--flair", str(synth["flair"]), "--mprage", str(s
     assert r.returncode == 143, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("instance-saliency: terminated (SIGTERM)")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_analyze_on_one_explain_run_says_it_needs_a_cohort(tmp_path, capsys):
+    (tmp_path / "run.json").write_text("{}")
+    assert cli.main(["analyze", str(tmp_path), "--no-figures"]) == 2
+    assert _err(capsys) == (f"instance-saliency: error: {tmp_path} is the output of one "
+                            "explain run; analyze needs a cohort folder (instance-saliency "
+                            "cohort --data DATA --out COHORT, then instance-saliency analyze "
+                            "COHORT)")

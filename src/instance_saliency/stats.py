@@ -137,6 +137,10 @@ def pool_instances(out: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
                   and (p / "run.json").is_file() and (p / "instances.csv").is_file()) \
         if root.is_dir() else []
     if not dirs:
+        if (Path(out) / "run.json").is_file():
+            raise InputError(f"{out} is the output of one explain run; analyze needs a cohort "
+                             "folder (instance-saliency cohort --data DATA --out COHORT, then "
+                             "instance-saliency analyze COHORT)")
         raise InputError(f"no subjects with instances.csv under {root}")
     inst, prof = [], []
     for d in dirs:
