@@ -631,3 +631,18 @@ def test_analyze_on_one_explain_run_says_it_needs_a_cohort(tmp_path, capsys):
                             "explain run; analyze needs a cohort folder (instance-saliency "
                             "cohort --data DATA --out COHORT, then instance-saliency analyze "
                             "COHORT)")
+
+
+def test_report_names_the_scans_the_model_trained_on(synth, tmp_path):
+    from _helpers import Detector
+
+    from instance_saliency.models import ModelConfig, save_checkpoint
+
+    save_checkpoint(tmp_path / "model", Detector(),
+                    ModelConfig("test_friction_detector", roi_size=[16, 16, 16],
+                                trained_on=["scan-a", "scan-b"]))
+    assert cli.main(["explain", "--flair", str(synth["flair"]), "--mprage", str(synth["t1"]),
+                     "--model", str(tmp_path / "model"), "--out", str(tmp_path / "run"),
+                     "--methods", "smoothgrad", "--n-samples", "1", "--quiet"]) == 0
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "model trained on scan-a, scan-b" in html

@@ -639,7 +639,8 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
             _figures(stage, subj, figs, table, prof, summary, cfg, list(model.channels), viewer,
                      params={**asdict(cfg), "cam_layer": cam_layer, "threshold": threshold,
                              "decision": decision},
-                     model_line=f"{model.source}: {_networks_text(model)}")
+                     model_line=f"{model.source}: {_networks_text(model)}"
+                     + _trained_on_text(model))
             timings["figures_s"] = round(fig_s + time.time() - t0, 2)
         timings["total_s"] = round(time.time() - t_all, 2)
         run = {
@@ -763,6 +764,15 @@ _COST_SMOOTHGRAD = 442 / (58 * 4) / 8
 _COST_GRADCAMPP = 122 / 58 / 8
 #: seconds per instance of quantification, NIfTI writing and figures (demo: 58 s / 58)
 _COST_WRITE_S = 1.0
+
+
+def _trained_on_text(model) -> str:
+    """E.g. ``"; member model trained on patient19, P18, P39"`` (empty when unknown), so that
+    a reader of the report can tell held-out lesions from training scans."""
+    used = getattr(model, "info", {}).get("members_trained_on") or []
+    parts = [f"{u['member']} trained on {', '.join(u['trained_on'])}" for u in used
+             if u.get("trained_on")]
+    return ("; " + "; ".join(parts)) if parts else ""
 
 
 def _networks_text(model) -> str:
