@@ -251,7 +251,7 @@ def test_road_imputation_reproduces_a_harmonic_image():
     assert (noisy[:, ~removed] == x[:, ~removed]).all()
 
 
-def test_check_lesions_all_checks_value_sanity():
+def test_check_lesions_all_checks_value_sanity(tmp_path):
     """Every check on a two-lesion scan: rows per lesion x method x check, AOPC of the random
     order averaged over its seeds, context only for TP lesions, cost recorded."""
     net = ThreeConvs().eval()
@@ -278,6 +278,15 @@ def test_check_lesions_all_checks_value_sanity():
     ctx = [r for r in rows if r["check"] == "context"][0]
     assert ctx["recovery_mm"] in (0.0, 3.0) or np.isnan(ctx["recovery_mm"])
     assert cost["deletion_windows"] > 0 and cost["seconds_per_lesion"] > 0
+    # the page's table is titled as what it holds (rows of checks, not lesions)
+    import pandas as pd
+
+    from instance_saliency.report.checks import write_checks_report
+
+    page = write_checks_report(tmp_path, pd.DataFrame(rows), pd.DataFrame(curves),
+                               {"lesions": [1, 2], "cost": cost})
+    assert f"<h2>Checks (one row per lesion, method and check) ({len(rows)})</h2>" in \
+        page.read_text()
 
 
 def test_bad_check_config_is_refused():

@@ -113,7 +113,8 @@ def write_checks_report(run_dir, rows, curves, summary) -> Path:
             "cost (s)": summary.get("cost", {}),
             "explain run time (s)": summary.get("explain_total_s")}
     return write_report(run_dir / "checks.html", "instance-saliency: per-lesion checks", head,
-                        rows, figs, notes=[verdict(summary.get("summary", {}))])
+                        rows, figs, notes=[verdict(summary.get("summary", {}))],
+                        table_title="Checks (one row per lesion, method and check)")
 
 
 def verdict(summary: dict) -> str:

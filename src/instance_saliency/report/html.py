@@ -206,7 +206,8 @@ def _links_html(links) -> str:
 
 
 def write_report(out_html, title: str, summary: dict, table, figures=(), notes=(),
-                 viewer: dict | None = None, links=None) -> Path:
+                 viewer: dict | None = None, links=None,
+                 table_title: str = "Lesion instances") -> Path:
     """Write a self-contained HTML report (embedded PNGs, inline CSS, optional lesion viewer).
 
     Parameters
@@ -222,6 +223,8 @@ def write_report(out_html, title: str, summary: dict, table, figures=(), notes=(
     table : pandas.DataFrame or None
         Per-lesion table (one row per lesion), shown in full with floats to 4 significant
         digits and NaN as ``NaN``. ``None`` or an empty table shows "no lesion instances".
+    table_title : str
+        Heading of the table (its row count is appended).
     figures : sequence of (str, path) or (str, path, str)
         ``(caption, png_path)`` pairs, optionally with a section name as third element
         (default section ``"Figures"``). Each section is a heading followed by a wrapping
@@ -280,7 +283,7 @@ def write_report(out_html, title: str, summary: dict, table, figures=(), notes=(
             w(_viewer_html(viewer))
 
         n_rows = 0 if table is None else len(table)
-        w(f"<h2>Lesion instances ({n_rows})</h2>\n")
+        w(f"<h2>{esc(table_title)} ({n_rows})</h2>\n")
         if n_rows:
             body = table.to_html(index=False, escape=True, float_format=_float_format,
                                  na_rep="NaN", border=0, classes="lesions")
