@@ -11,7 +11,7 @@ from instance_saliency.inference import WindowGrid, predict_probability
 from instance_saliency.instances import find_instances
 from instance_saliency.io import load_subject, normalise
 from instance_saliency.metrics import evaluate_pair
-from instance_saliency.models import load_checkpoint
+from instance_saliency.models import default_model_dir, load_checkpoint_model, read_config
 from instance_saliency.saliency import gradcampp, smoothgrad
 from instance_saliency.targets import InstanceTarget
 
@@ -22,10 +22,27 @@ pytestmark = needs_data
 def shipped_on_patient07():
     p = datasets.fetch_subject("patient07", DATA)
     s = load_subject(p["flair"], p["mprage"], p["mask"])
-    model, cfg = load_checkpoint()
-    x = normalise(s.image, cfg.normalisation, cfg.landmarks)
+    # the shipped ensemble's members that never saw patient07 (one fold), as the demo uses it
+    sm = load_checkpoint_model(exclude_subjects=["patient07"])
+    assert [u["member"] for u in sm.info["members_trained_on"]] == ["fold_patient07"]
+    model, cfg = sm.network.eval(), sm.config
+    x = normalise(s.image, sm.normalisation, sm.landmarks)
+    assert np.array_equal(x, sm.prepare(s.image, s.spacing).x)
     prob = predict_probability(model, x, cfg.roi_size, cfg.overlap, cfg.lesion_class)
     return s, model, cfg, x, prob
+
+
+def test_shipped_model_is_the_four_fold_ensemble():
+    """Four leave-one-scan-out folds, each trained on the three other shared scans; weights of
+    all shipped models together within the 60 MB budget."""
+    root = default_model_dir()
+    cfg = read_config(root)
+    scans = {"patient07", "patient19", "P18", "P39"}
+    assert sorted(cfg.members) == sorted(f"fold_{h}" for h in scans)
+    for h in scans:
+        assert set(read_config(root / f"fold_{h}").trained_on) == scans - {h}
+    size = sum(f.stat().st_size for f in root.parent.rglob("*.safetensors"))
+    assert size <= 60e6, size
 
 
 def test_shipped_model_ndsc_floor(shipped_on_patient07):
