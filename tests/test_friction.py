@@ -646,3 +646,26 @@ def test_report_names_the_scans_the_model_trained_on(synth, tmp_path):
                      "--methods", "smoothgrad", "--n-samples", "1", "--quiet"]) == 0
     html = (tmp_path / "run" / "report.html").read_text()
     assert "model trained on scan-a, scan-b" in html
+
+
+def test_check_end_to_end_with_max_lesions(synth, tmp_path):
+    """explain, then `check --max-lesions 1`: only the largest predicted lesion is checked,
+    checks.csv / checks.json / checks.html written, and a second run without --overwrite is
+    refused with one line."""
+    run = tmp_path / "run"
+    assert _explain(synth, run) == 0
+    table = pd.read_csv(run / "instances.csv")
+    pred = table[table["source"] == "pred"]
+    assert len(pred) >= 2
+    largest = int(pred.sort_values(["voxels", "label"], ascending=[False, True])["label"].iloc[0])
+    argv = ["check", str(run), "--checks", "deletion,context", "--methods", "smoothgrad",
+            "--n-samples", "1", "--steps", "2", "--random-orders", "1", "--baselines",
+            "background", "--context-mm", "0:4:2", "--max-lesions", "1", "--quiet"]
+    assert cli.main(argv) == 0
+    rows = pd.read_csv(run / "checks.csv")
+    assert set(rows["label"]) == {largest}
+    assert set(rows["check"]) <= {"deletion", "context"} and "deletion" in set(rows["check"])
+    assert json.loads((run / "checks.json").read_text())["lesions"] == [largest]
+    assert (run / "checks.html").is_file()
+    assert cli.main(argv) == 2
+    assert cli.main([*argv[:-1], "--max-lesions", "0"]) == 2

@@ -96,6 +96,9 @@ class CheckConfig:
         Shell widths of the context experiment (mm).
     lesions : tuple of int or None
         Lesion labels to check (default: every predicted lesion).
+    max_lesions : int or None
+        Check at most this many predicted lesions per run: the largest (most voxels; ties by
+        label), a reproducible sample for full scans and cohorts (default: all).
     seed : int
     """
 
@@ -114,6 +117,7 @@ class CheckConfig:
     detect_fraction: float = 0.25
     context_mm: tuple = tuple(float(d) for d in range(16))
     lesions: tuple | None = None
+    max_lesions: int | None = None
     seed: int = 0
     sw_batch_size: int = 4
 
@@ -138,6 +142,8 @@ class CheckConfig:
             raise InputError("--margin-mm must be a finite number >= 0")
         if not (0 < self.detect_fraction <= 1):
             raise InputError("--detect-fraction must be in (0, 1]")
+        if self.max_lesions is not None and int(self.max_lesions) < 1:
+            raise InputError("--max-lesions must be at least 1")
         if any(not (d >= 0 and np.isfinite(d)) for d in self.context_mm):
             raise InputError("--context-mm values must be finite and >= 0")
         if "context" in self.checks and (not self.context_mm or any(
@@ -841,6 +847,9 @@ def run_checks(run_dir: str | Path, cfg: CheckConfig | None = None, *, model=Non
         if unknown:
             raise InputError(f"lesion label(s) {unknown} are not predicted lesions of this run")
         table = table[table["label"].isin(cfg.lesions)]
+    if cfg.max_lesions is not None and len(table) > cfg.max_lesions:
+        table = table.sort_values(["voxels", "label"], ascending=[False, True],
+                                  kind="stable").head(int(cfg.max_lesions)).sort_values("label")
     prep = model.prepare(subj.image, subj.spacing, affine=subj.affine)
     spacing = prep.mapping.get("network_spacing") or list(subj.spacing)
     masks, labels, statuses = [], [], []

@@ -514,7 +514,7 @@ def cmd_check(a) -> int:
                       independent=a.independent, steps=a.steps, random_orders=a.random_orders,
                       baselines=tuple(a.baselines.split(",")),
                       context_mm=_float_list(a.context_mm, "--context-mm"), lesions=lesions,
-                      seed=a.seed)
+                      max_lesions=a.max_lesions, seed=a.seed)
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr))
     if (Path(a.run) / "subjects").is_dir() and not (Path(a.run) / "run.json").exists():
         from .checks import check_cohort
@@ -772,6 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default 0:15:1)")
     ck.add_argument("--lesions", help="comma-separated lesion labels (default: every "
                     "predicted lesion)")
+    ck.add_argument("--max-lesions", type=int, metavar="K",
+                    help="check at most the K largest predicted lesions of each run (a "
+                    "reproducible sample for full scans and cohorts; default: all)")
     ck.add_argument("--seed", type=int, default=0)
     ck.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     ck.add_argument("--overwrite", action="store_true", help="replace earlier checks")
