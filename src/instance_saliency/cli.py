@@ -464,7 +464,9 @@ def cmd_cohort(a) -> int:
                      overwrite=a.overwrite, progress=not a.quiet,
                      allow_outside_root=a.allow_outside_root, n_boot=a.n_boot, seed=a.seed,
                      log=_cli_log)
-    return 1 if res["failed"] else 0
+    # under torchrun every rank exits 1 when a subject of any rank failed
+    failed = res["failed"] or any(r.get("failed") for r in res.get("ranks", ()))
+    return 1 if failed else 0
 
 
 def cmd_analyze(a) -> int:
@@ -726,7 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--out", required=True, help="cohort folder (subjects/<subject>/, "
                     "failures.json, stats)")
     co.add_argument("--shard", metavar="I/N", help="process only every N-th subject starting "
-                    "at the I-th (1-based) of the sorted list; skips the statistics when N > 1")
+                    "at the I-th (1-based) of the sorted list; skips the statistics when N > 1 "
+                    "(under torchrun each rank takes shard RANK+1/WORLD_SIZE itself)")
     co.add_argument("--allow-outside-root", action="store_true",
                     help="allow manifest paths outside the manifest's folder")
     co.add_argument("--n-boot", type=int, default=1000,

@@ -7,7 +7,9 @@ cohort is resumable: a re-run skips subjects whose folder has ``run.json``, remo
 staging folders of a killed run, and redoes only what is missing. ``--shard i/n`` splits the
 subjects between independent processes writing into the same ``out``. At the end the cohort
 statistics (:func:`instance_saliency.stats.analyze`) are computed, unless the run is one shard
-of several (then run ``instance-saliency analyze OUT`` once all shards are done).
+of several (then run ``instance-saliency analyze OUT`` once all shards are done). Under
+``torchrun`` the ranks are the shards (rank ``r`` of ``n`` takes shard ``r+1/n``) and rank 0
+computes the statistics once every rank has finished (:mod:`instance_saliency.distributed`).
 
 Datasets are given as
 
@@ -29,11 +31,11 @@ import re
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import InputError, InstanceSaliencyError, OutputError
+from .errors import DistributedError, InputError, InstanceSaliencyError, OutputError
 from .explain import RUN_FILE, ExplainConfig, explain
 from .io import CHANNELS
 
@@ -395,6 +397,12 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
                n_boot: int = 1000, seed: int = 0, log=print) -> dict:
     """Explain every subject of a dataset into ``out/subjects/<subject>/`` (resumable).
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank explains shard ``RANK + 1`` of
+    ``WORLD_SIZE`` (the subjects ``--shard RANK+1/WORLD_SIZE`` takes) on its own device
+    (``cuda`` becomes ``cuda:LOCAL_RANK``, see :meth:`instance_saliency.distributed.World.device`),
+    the ranks wait for each other (a gloo process group), and rank 0 alone computes the
+    statistics once every rank has finished without error.
+
     Parameters
     ----------
     data : path
@@ -410,24 +418,27 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
     shard : (int, int), optional
         ``(i, n)``: process only shard ``i`` of ``n`` (:func:`shard_cases`). With ``n > 1`` the
         statistics are not computed (run :func:`~instance_saliency.stats.analyze` at the end).
+        Not under torchrun with several ranks (the ranks are the shards).
     overwrite : bool
         Redo subjects that are already complete.
     progress : bool
-        Show a progress bar over subjects.
+        Show a progress bar over subjects (rank 0's only under torchrun).
     allow_outside_root : bool
         Allow manifest paths outside the manifest's folder.
     n_boot, seed : int
         Bootstrap resamples and seed of the statistics (figures and the HTML report only when
         ``config.figures``).
     log : callable
-        Receives one-line messages.
+        Receives one-line messages (prefixed ``[rank r of n]`` under torchrun).
 
     Returns
     -------
     dict
         ``subjects`` (this shard's, sorted), ``done``, ``skipped`` (already complete),
         ``failed`` (subject -> ``{"error", "message", "time"}``), ``removed_leftovers``,
-        ``analysis`` (the result of :func:`~instance_saliency.stats.analyze`, or None).
+        ``analysis`` (the result of :func:`~instance_saliency.stats.analyze`, or None); under
+        torchrun also ``ranks``: every rank's ``{"ok", "subjects", "done", "skipped",
+        "failed"}`` (or ``{"ok": False, "error"}``), in rank order.
 
     Raises
     ------
@@ -435,11 +446,14 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
         Bad dataset (see :func:`discover_cases`), bad parameters, or a complete subject whose
         ``run.json`` records other explain parameters or another model (use the same options,
         or ``overwrite``); every subject of this run failed (see ``failures.json``); from the
-        analysis: no subject finished.
+        analysis: no subject finished; ``shard`` given under torchrun with several ranks.
     ModelError
         The model folder is missing or broken (checked once, before any subject).
     OutputError
         ``out`` is not a usable folder.
+    DistributedError
+        Under torchrun: the ranks cannot meet, another rank did not answer in time, or (on
+        rank 0) another rank failed, so that the statistics were not computed.
     KeyboardInterrupt
         Passed on; the subject being explained leaves nothing behind but its staging folder
         (removed at the next run), finished subjects stay.
@@ -451,6 +465,104 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
     on; a failed subject is retried by the next run. Do not run the same shard twice at the
     same time: each run deletes the staging leftovers of its own subjects.
     """
+    from .distributed import World
+
+    world = World.from_environment()
+    if world.distributed:
+        if shard is not None:
+            raise InputError(f"--shard {shard[0]}/{shard[1]} cannot be combined with torchrun "
+                             f"(WORLD_SIZE={world.size}): each rank takes shard "
+                             f"RANK+1/WORLD_SIZE itself")
+        return _run_ranks(world, data, out, config, model_dir, overwrite, progress,
+                          allow_outside_root, n_boot, seed, log)
+    res = _explain_share(data, out, config, model_dir, shard, overwrite, progress,
+                         allow_outside_root, log,
+                         where=f" (shard {shard[0]}/{shard[1]})" if shard else "")
+    res["analysis"] = None
+    if shard is None or shard[1] == 1:
+        _refuse_all_failed(out, res["failed"], len(res["done"]) + len(res["skipped"]))
+        from .stats import analyze
+
+        res["analysis"] = analyze(out, n_boot=n_boot, seed=seed, figures=config.figures,
+                                  log=log)
+    else:
+        log(f"after all {shard[1]} shards: instance-saliency analyze {out}")
+    return res
+
+
+def _refuse_all_failed(out, failed: dict, n_ok: int) -> None:
+    if failed and not n_ok:
+        first, info = next(iter(failed.items()))
+        raise InputError(f"every subject failed ({len(failed)}; first {first}: "
+                         f"{info['message']}); details in {Path(out) / FAILURES_FILE}")
+
+
+def _run_ranks(world, data, out, config, model_dir, overwrite, progress, allow_outside_root,
+               n_boot, seed, log) -> dict:
+    """:func:`run_cohort` on one rank of a torchrun launch (``world.size > 1``).
+
+    Every rank explains its shard, then all gather each rank's outcome (also a rank that
+    raised, before it passes its error on); rank 0 runs the statistics when every rank
+    succeeded (else it raises a DistributedError naming the failed ranks), and the others wait
+    for it at a barrier, so that torchrun does not stop rank 0 because another rank exited.
+    """
+    from dataclasses import replace
+
+    from .distributed import process_group, timeout_s
+
+    def say(m: str) -> None:
+        w = "warning: " if m.startswith("warning: ") else ""
+        log(f"{w}[{world}] {m[len(w):]}")
+
+    config = replace(config, device=world.device(config.device))
+    # gloo also for GPUs: the ranks exchange a few small messages, and a rank may wait hours
+    # for a slower one (NCCL's watchdog would end such a wait)
+    with process_group(world, config.device, timeout_s(86400), backend="gloo") as group:
+        try:
+            res = _explain_share(data, out, config, model_dir, world.shard, overwrite,
+                                 progress and world.is_main, allow_outside_root, say,
+                                 where=f" ({world})")
+        except Exception as e:  # tell rank 0, wait until it has said so, then pass it on
+            msg = str(e).splitlines()[0] if str(e) else ""
+            with suppress(DistributedError):
+                group.all_gather({"ok": False, "error": f"{type(e).__name__}: {msg}"})
+                group.barrier()
+            raise
+        ranks = group.all_gather({"ok": True, "subjects": len(res["subjects"]),
+                                  "done": len(res["done"]), "skipped": len(res["skipped"]),
+                                  "failed": res["failed"]})
+        res.update(ranks=ranks, analysis=None)
+        error = None
+        if world.is_main:
+            try:
+                bad = [r for r, s in enumerate(ranks) if not s["ok"]]
+                if bad:
+                    raise DistributedError(
+                        f"rank(s) {', '.join(map(str, bad))} failed (rank {bad[0]}: "
+                        f"{ranks[bad[0]]['error']}); cohort statistics not computed; run the "
+                        f"same command again to finish the missing subjects")
+                failed = {k: v for s in ranks for k, v in s["failed"].items()}
+                n_ok = sum(s["done"] + s["skipped"] for s in ranks)
+                log(f"cohort ({world.size} ranks): {sum(s['done'] for s in ranks)} done, "
+                    f"{sum(s['skipped'] for s in ranks)} skipped (already complete), "
+                    f"{len(failed)} failed of {sum(s['subjects'] for s in ranks)} subject(s)")
+                _refuse_all_failed(out, failed, n_ok)
+                from .stats import analyze
+
+                res["analysis"] = analyze(out, n_boot=n_boot, seed=seed, figures=config.figures,
+                                          log=log)
+            except Exception as e:  # passed on once the other ranks stopped waiting
+                error = e
+        group.barrier()
+    if error is not None:
+        raise error
+    return res
+
+
+def _explain_share(data, out, config: ExplainConfig, model_dir, shard, overwrite: bool,
+                   progress: bool, allow_outside_root: bool, log, where: str = "") -> dict:
+    """Explain the subjects of ``shard`` (all without one): :func:`run_cohort` without the
+    statistics. Returns its dict without ``analysis``."""
     from tqdm import tqdm
 
     config.validate()
@@ -474,8 +586,8 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
         raise OutputError(f"cannot create {sub}: {e.strerror or e}") from None
     model_folder = str(Path(model_dir).resolve()) if model_dir is not None else None
     stored_model = model_folder or "shipped default"
-    if not overwrite:  # refuse to mix parameters before doing any work
-        for c in mine:
+    if not overwrite:  # refuse to mix parameters before doing any work, in every shard alike
+        for c in cases:
             rf = sub / c.subject / RUN_FILE
             if rf.is_file():
                 why = _parameter_mismatch(rf, config, stored_model)
@@ -513,21 +625,8 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
     finally:
         bar.close()
         _update_failures(out, {}, done + skipped)
-    where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     log(f"cohort{where}: {len(done)} done, {len(skipped)} skipped (already complete), "
         f"{len(failed)} failed of {len(mine)} subject(s) in {time.time() - t0:.0f} s; "
         f"outputs in {sub}" + (f"; failures in {out / FAILURES_FILE}" if failed else ""))
-    analysis = None
-    if shard is None or shard[1] == 1:
-        from .stats import analyze
-
-        if failed and not done and not skipped:
-            first, info = next(iter(failed.items()))
-            raise InputError(f"every subject failed ({len(failed)}; first {first}: "
-                             f"{info['message']}); details in {out / FAILURES_FILE}")
-
-        analysis = analyze(out, n_boot=n_boot, seed=seed, figures=config.figures, log=log)
-    else:
-        log(f"after all {shard[1]} shards: instance-saliency analyze {out}")
     return {"subjects": [c.subject for c in mine], "done": done, "skipped": skipped,
-            "failed": failed, "removed_leftovers": leftovers, "analysis": analysis}
+            "failed": failed, "removed_leftovers": leftovers}

@@ -1,0 +1,242 @@
+"""torchrun: cohorts split over ranks, a killed or failing rank, DDP training.
+
+Real ``torchrun --standalone --nproc-per-node 2`` launches on the CPU (gloo). The cohort is four
+32^3 crops of two real scans (the two largest consensus lesions of open_ms_data patient07 and
+patient19), explained by the hand-set FLAIR detector of ``_helpers`` (registered in the ranks by
+``tests/torchrun_site/sitecustomize.py``) with one SmoothGrad sample and no figures; its
+results are compared with a single-process run of the same cohort. Training compares two
+processes with one process at the same global batch.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cc3d
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from instance_saliency import cli, cohort, datasets, models
+from instance_saliency.distributed import World, process_group, timeout_s
+from instance_saliency.errors import DistributedError, InputError
+from instance_saliency.models import ModelConfig, save_checkpoint
+
+from _helpers import DATA, Detector, needs_data
+
+TESTS = Path(__file__).resolve().parent
+SRC = TESTS.parent / "src"
+ARCH = "test_dist_detector"
+FAST = ["--methods", "smoothgrad", "--n-samples", "1", "--no-figures", "--quiet",
+        "--n-boot", "20"]
+SUBJECTS = ["patient07-a", "patient07-b", "patient19-a", "patient19-b"]
+
+
+def _torchrun() -> list:
+    exe = Path(sys.executable).with_name("torchrun")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def launch(args: list, nproc: int = 2, timeout: int = 400, **env) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node nproc ARGS`` with the worktree's sources."""
+    e = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS / "torchrun_site"), str(SRC)]),
+         "IS_TEST_ARCH": ARCH, "IS_TEST_HELPERS": str(TESTS), "OMP_NUM_THREADS": "1",
+         "INSTANCE_SALIENCY_DIST_TIMEOUT": "240", **env}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return subprocess.run([*_torchrun(), "--standalone", f"--nproc-per-node={nproc}", *args],
+                          env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def _crop(img, sl, path: Path) -> None:
+    aff = img.affine.copy()
+    aff[:3, 3] = img.affine[:3, :3] @ np.array([s.start for s in sl]) + img.affine[:3, 3]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[sl], aff, img.header), str(path))
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory):
+    """nnU-Net raw folder of four real 32^3 crops, one around each of the two largest
+    consensus lesions of patient07 and patient19."""
+    if DATA is None:
+        pytest.skip("real scans not found: set INSTANCE_SALIENCY_DATA")
+    root = tmp_path_factory.mktemp("crops")
+    for scan in ("patient07", "patient19"):
+        p = datasets.fetch_subject(scan, DATA)
+        imgs = {k: nib.load(str(p[k])) for k in ("flair", "mprage", "mask")}
+        lab = cc3d.connected_components((np.asarray(imgs["mask"].dataobj) > 0).astype(np.uint8),
+                                        connectivity=26)
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        for tag, comp in zip("ab", np.argsort(sizes)[::-1][:2]):
+            c = np.argwhere(lab == comp).mean(0).astype(int)
+            sl = tuple(slice(int(min(max(a - 16, 0), n - 32)), int(min(max(a - 16, 0), n - 32))
+                             + 32) for a, n in zip(c, lab.shape))
+            name = f"{scan}-{tag}"
+            _crop(imgs["flair"], sl, root / "imagesTs" / f"{name}_0000.nii.gz")
+            _crop(imgs["mprage"], sl, root / "imagesTs" / f"{name}_0001.nii.gz")
+            _crop(imgs["mask"], sl, root / "labelsTs" / f"{name}.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    models.ARCHITECTURES[ARCH] = Detector
+    d = tmp_path_factory.mktemp("model")
+    save_checkpoint(d, Detector(), ModelConfig(ARCH, roi_size=[32, 32, 32]))
+    yield d
+    models.ARCHITECTURES.pop(ARCH, None)
+
+
+@pytest.fixture(scope="module")
+def reference(crops, model_dir, tmp_path_factory):
+    """The same cohort run in this one process."""
+    out = tmp_path_factory.mktemp("single") / "cohort"
+    assert cli.main(["cohort", "--data", str(crops), "--out", str(out), "--model",
+                     str(model_dir), *FAST]) == 0
+    return out
+
+
+def complete(out: Path) -> list:
+    return sorted(p.name for p in (out / "subjects").iterdir()
+                  if not p.name.startswith(".") and (p / "run.json").is_file())
+
+
+def assert_same_results(out: Path, ref: Path) -> None:
+    """Per-lesion tables of every subject and the pooled table equal the reference's."""
+    assert complete(out) == complete(ref) == SUBJECTS
+    for s in SUBJECTS:
+        a = pd.read_csv(out / "subjects" / s / "instances_full.csv")
+        b = pd.read_csv(ref / "subjects" / s / "instances_full.csv")
+        assert len(a) > 0, s
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6, atol=1e-9)
+    a, b = pd.read_csv(out / "cohort_instances.csv"), pd.read_csv(ref / "cohort_instances.csv")
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6, atol=1e-9)
+    ja, jb = json.loads((out / "stats.json").read_text()), json.loads((ref / "stats.json")
+                                                                     .read_text())
+    assert ja["subjects"] == jb["subjects"] == SUBJECTS
+    assert ja["counts"] == jb["counts"] and ja["n_lesions"] == jb["n_lesions"]
+
+
+def _cohort_args(crops, out, model_dir) -> list:
+    return ["-m", "instance_saliency", "cohort", "--data", str(crops), "--out", str(out),
+            "--model", str(model_dir), *FAST]
+
+
+# --------------------------------------------------------------------------------------------
+# the rank environment
+
+
+def test_world_from_environment_and_devices(monkeypatch):
+    assert World.from_environment({}) == World(0, 1, 0)
+    w = World.from_environment({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (w.rank, w.size, w.local_rank, w.shard, str(w)) == (3, 4, 1, (4, 4), "rank 3 of 4")
+    assert w.distributed and not w.is_main
+    assert w.device("cpu") == "cpu" and World(0, 1, 0).device("cuda:1") == "cuda:1"
+    for env, msg in [({"WORLD_SIZE": "2"}, "RANK is not set"),
+                     ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 is outside 0..1"),
+                     ({"WORLD_SIZE": "x"}, "WORLD_SIZE='x' is not an integer")]:
+        with pytest.raises(DistributedError, match=msg):
+            World.from_environment(env)
+    with pytest.raises(InputError, match="give --device cuda"):
+        w.device("cuda:1")
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(InputError, match="LOCAL_RANK 1 has no GPU of its own"):
+            w.device("cuda")
+    monkeypatch.setenv("INSTANCE_SALIENCY_DIST_TIMEOUT", "-5")
+    with pytest.raises(InputError, match="positive number of seconds"):
+        timeout_s(10)
+    monkeypatch.setenv("INSTANCE_SALIENCY_DIST_TIMEOUT", "7.5")
+    assert timeout_s(10) == 7.5
+
+
+def test_shard_under_torchrun_and_missing_rendezvous_are_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    out = tmp_path / "out"
+    assert cli.main(["cohort", "--data", str(tmp_path), "--out", str(out), "--shard", "1/2",
+                     *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["instance-saliency: error: --shard 1/2 cannot be combined with torchrun "
+                   "(WORLD_SIZE=2): each rank takes shard RANK+1/WORLD_SIZE itself"]
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(DistributedError, match="MASTER_ADDR is not set"):
+        with process_group(World(0, 2, 0)):
+            pass
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun cohorts
+
+
+@needs_data
+def test_torchrun_cohort_equals_single_process(crops, model_dir, reference, tmp_path):
+    out = tmp_path / "cohort"
+    r = launch(_cohort_args(crops, out, model_dir))
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    # each rank explained its shard, RANK + 1 of WORLD_SIZE, each subject exactly once
+    for rank, mine in ((0, SUBJECTS[0::2]), (1, SUBJECTS[1::2])):
+        assert (f"[rank {rank} of 2] cohort (rank {rank} of 2): 2 done, 0 skipped (already "
+                f"complete), 0 failed of 2 subject(s)") in log
+        for s in mine:
+            run = json.loads((out / "subjects" / s / "run.json").read_text())
+            assert run["parameters"]["n_samples"] == 1
+    assert log.count("cohort (2 ranks): 4 done, 0 skipped (already complete), 0 failed of 4 "
+                     "subject(s)") == 1
+    assert log.count("cohort statistics of 4 subject(s)") == 1  # the analysis ran once
+    assert not [p for p in (out / "subjects").iterdir() if p.name.startswith(".")]
+    assert not (out / "failures.json").exists()
+    assert_same_results(out, reference)
+
+
+@needs_data
+def test_killed_rank_then_rerun_finishes_only_what_is_missing(crops, model_dir, reference,
+                                                              tmp_path):
+    out = tmp_path / "cohort"
+    r = launch(_cohort_args(crops, out, model_dir), IS_TEST_FAIL_RANK="1")
+    assert r.returncode != 0
+    first = complete(out)
+    # rank 1 (patient07-b, patient19-b) was killed right after its first subject, and
+    # torchrun stopped rank 0: its finished subjects stay, the second one of rank 1 is missing
+    assert "patient07-b" in first and "patient19-b" not in first
+    assert not (out / "stats.json").exists()
+    stamps = {s: (out / "subjects" / s / "run.json").stat().st_mtime_ns for s in first}
+    # the same command again (here with the console script under torchrun)
+    script = Path(sys.executable).with_name("instance-saliency")
+    args = _cohort_args(crops, out, model_dir)
+    r = launch([str(script), *args[2:]] if script.is_file() else args)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    n = len(first)
+    assert (f"cohort (2 ranks): {4 - n} done, {n} skipped (already complete), 0 failed of 4 "
+            f"subject(s)") in log
+    assert {s: (out / "subjects" / s / "run.json").stat().st_mtime_ns for s in first} == stamps
+    assert not [p for p in (out / "subjects").iterdir() if p.name.startswith(".")]
+    assert_same_results(out, reference)
+
+
+@needs_data
+def test_failing_rank_stops_the_analysis_without_hanging(crops, model_dir, tmp_path):
+    out = tmp_path / "cohort"
+    t0 = time.monotonic()
+    r = launch(_cohort_args(crops, out, model_dir), IS_TEST_FAIL_RANK="1",
+               IS_TEST_FAIL_HOW="raise")
+    log = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert time.monotonic() - t0 < 200  # well under the 240 s timeout: nobody waited for it
+    assert ("instance-saliency: error: rank(s) 1 failed (rank 1: RuntimeError: injected "
+            "failure); cohort statistics not computed; run the same command again to finish "
+            "the missing subjects") in log
+    assert "RuntimeError: injected failure" in log  # rank 1's own traceback
+    assert complete(out) == SUBJECTS[0::2]  # rank 0 finished its share
+    assert not (out / "stats.json").exists()
