@@ -157,7 +157,7 @@ def test_world_from_environment_and_devices(monkeypatch):
     assert timeout_s(10) == 7.5
 
 
-def test_shard_under_torchrun_and_missing_rendezvous_are_refused(tmp_path, monkeypatch, capsys):
+def test_bad_setups_under_torchrun_are_refused_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
@@ -167,6 +167,16 @@ def test_shard_under_torchrun_and_missing_rendezvous_are_refused(tmp_path, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["instance-saliency: error: --shard 1/2 cannot be combined with torchrun "
                    "(WORLD_SIZE=2): each rank takes shard RANK+1/WORLD_SIZE itself"]
+    t = tmp_path / "model"
+    assert cli.main(["train", "--manifest", str(tmp_path / "m.csv"), "--out", str(t),
+                     "--batch-size", "3"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "instance-saliency: error: --batch-size 3 (the global batch) must be a multiple of the "
+        "number of processes, WORLD_SIZE=2")
+    assert cli.main(["train", "--manifest", str(tmp_path / "m.csv"), "--out", str(t),
+                     "--device", "cuda:0"]) == 2
+    assert "give --device cuda, each rank then uses cuda:LOCAL_RANK" in capsys.readouterr().err
+    assert not t.exists()
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(DistributedError, match="MASTER_ADDR is not set"):
         with process_group(World(0, 2, 0)):
@@ -240,3 +250,138 @@ def test_failing_rank_stops_the_analysis_without_hanging(crops, model_dir, tmp_p
     assert "RuntimeError: injected failure" in log  # rank 1's own traceback
     assert complete(out) == SUBJECTS[0::2]  # rank 0 finished its share
     assert not (out / "stats.json").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# distributed training
+
+#: the trainings of one torchrun launch (train_ranks.py): "plain" without normalisation
+#: layers (compared with one process), "bn" the unet3d that `train --channels 4,8` builds, and
+#: the same stopped after step 2 (resumed by the command line)
+TRAIN = dict(roi_size=[16, 16, 16], steps=4, batch_size=2, val_every=2, warmup=1,
+             checkpoint_every=1)
+BN = dict(TRAIN, arguments={"channels": [4, 8], "strides": [2]})
+RUNS = {"plain": dict(TRAIN, arguments={"channels": [4, 8], "strides": [2], "norm": None},
+                      validate=True),
+        "bn": BN, "bn_stopped": dict(BN, stop_after=2)}
+
+
+def _train_subject(seed: int):
+    rng = np.random.default_rng(seed)
+    img = rng.normal(0, 1, (2, 24, 20, 22)).astype(np.float32) + 3
+    mask = np.zeros((24, 20, 22), np.uint8)
+    mask[8:12, 6:10, 9:12] = 1
+    mask[14:17, 12:15, 4:7] = seed % 2
+    img[0][mask > 0] += 2
+    return img, mask
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    """Manifests of two training subjects and one validation subject (synthetic scans)."""
+    root = tmp_path_factory.mktemp("train_data")
+    for name, seeds in (("train.csv", (0, 1)), ("val.csv", (2,))):
+        rows = ["subject,flair,mprage,mask"]
+        for k in seeds:
+            img, mask = _train_subject(k)
+            for what, a in (("flair", img[0]), ("mprage", img[1]), ("mask", mask)):
+                nib.save(nib.Nifti1Image(a, np.eye(4)), str(root / f"s{k}_{what}.nii.gz"))
+            rows.append(f"s{k},s{k}_flair.nii.gz,s{k}_mprage.nii.gz,s{k}_mask.nii.gz")
+        (root / name).write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(train_data, tmp_path_factory):
+    """RUNS trained by ``torchrun --nproc-per-node 2`` (global batch 2 = 1 patch per rank)."""
+    out = tmp_path_factory.mktemp("ddp")
+    r = launch([str(TESTS / "torchrun_site" / "train_ranks.py"), str(train_data / "train.csv"),
+                str(train_data / "val.csv"), str(out), json.dumps(RUNS)])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return out
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_ranks_draw_disjoint_shares_of_the_single_process_batch(train_data):
+    from instance_saliency.training import _draw_patches, _to_item, augmentations
+
+    subs = cli._load_manifest_subjects(str(train_data / "train.csv"))
+    items = [_to_item(s, ModelConfig("unet3d")) for s in subs]
+    xf = augmentations((16, 16, 16), 1, "v2")
+    for step in (1, 7):
+        x, y = _draw_patches(items, xf, 0, step, range(4))
+        parts = [_draw_patches(items, xf, 0, step, range(k, k + 2)) for k in (0, 2)]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x)
+        assert torch.equal(torch.cat([p[1] for p in parts]), y)
+        assert not torch.equal(x[0], x[1]) and x.shape == (4, 2, 16, 16, 16)
+
+
+def test_ddp_training_equals_one_process_with_the_global_batch(train_data, ddp_runs, tmp_path):
+    from instance_saliency.training import train
+
+    subs = cli._load_manifest_subjects(str(train_data / "train.csv"))
+    val = cli._load_manifest_subjects(str(train_data / "val.csv"))
+    kw = dict(RUNS["plain"])
+    kw.pop("validate")
+    one = train(subs, val, tmp_path / "one", progress=False, **kw)
+    two = ddp_runs / "plain"
+    for sub in ("", "last"):
+        wa, wb = _weights(tmp_path / "one" / sub), _weights(two / sub)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            np.testing.assert_allclose(wb[k].numpy(), wa[k].numpy(), rtol=1e-5, atol=1e-7,
+                                       err_msg=k)
+        # and the weights moved: the comparison is not between two initialisations
+    init = models.build_model("unet3d", **kw["arguments"]).state_dict()
+    assert any(not torch.allclose(wa[k], init[k]) for k in wa)
+    ha = json.loads((tmp_path / "one" / "history.json").read_text())
+    hb = json.loads((two / "history.json").read_text())
+    assert [h["step"] for h in hb] == [2, 4]
+    np.testing.assert_allclose([h["loss"] for h in hb], [h["loss"] for h in ha], rtol=1e-5)
+    np.testing.assert_allclose([h["val_ndsc"] for h in hb], [h["val_ndsc"] for h in ha],
+                               atol=1e-6)
+    cfg = json.loads((two / "config.json").read_text())["training"]
+    assert (cfg["processes"], cfg["batch_size"], cfg["batch_per_process"]) == (2, 2, 1)
+    assert cfg["lr"] == one["lr"] == 1e-3 and "not scaled" in cfg["lr_rule"]
+    assert cfg["batch_norm"] == "none"
+    assert one["processes"] == 1 and one["batch_per_process"] == 2
+    # rank 0 alone wrote the log: one set-up line, two validation lines
+    lines = (two / "train.log").read_text().splitlines()
+    assert sum('"processes": 2' in ln for ln in lines) == 1
+    assert sum('"val_ndsc"' in ln for ln in lines) == 2
+    assert not (two / "train_state.pt").exists()
+
+
+def test_train_cli_resumes_under_torchrun(train_data, ddp_runs, tmp_path):
+    """``torchrun ... -m instance_saliency train --resume`` continues a two-process run that
+    stopped after step 2 and ends with the weights of the uninterrupted run, bit for bit."""
+    out = tmp_path / "cli"
+    shutil.copytree(ddp_runs / "bn_stopped", out)
+    assert (out / "train_state.pt").is_file() and not (out / "model.safetensors").exists()
+    r = launch(["-m", "instance_saliency", "train", "--manifest", str(train_data / "train.csv"),
+                "--channels", "4,8", "--roi", "16", "--steps", "4", "--batch-size", "2",
+                "--val-every", "2", "--warmup", "1", "--checkpoint-every", "1",
+                "--out", str(out), "--resume"])
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    # rank 0 alone prints
+    assert log.count("training on 2 processes (cpu): global batch 2 = 1 patch(es) per process "
+                     "x 2; learning rate 0.001 for the global batch (not scaled); batch norm: "
+                     "per process") == 1
+    assert log.count("trained 4 steps (EMA weights)") == 1
+    for sub in ("", "last"):
+        wa, wb = _weights(ddp_runs / "bn" / sub), _weights(out / sub)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
+    cfg = json.loads((out / "config.json").read_text())["training"]
+    assert cfg["processes"] == 2 and cfg["batch_norm"].startswith("per process")
+    assert cfg["command"].startswith("instance-saliency train --manifest")
+    lines = (out / "train.log").read_text().splitlines()
+    assert sum('"resumed_at_step": 2' in ln for ln in lines) == 1
+    assert sum('"processes": 2' in ln for ln in lines) == 2  # one per sitting, rank 0's
+    assert not (out / "train_state.pt").exists()
