@@ -184,6 +184,48 @@ def test_bad_setups_under_torchrun_are_refused_in_one_line(tmp_path, monkeypatch
     assert not out.exists()
 
 
+def _record_failures(out: str, rank: int, no_flock: bool) -> None:
+    if no_flock:  # as on NFS, where a folder cannot be flock-ed
+        import errno
+        import fcntl
+
+        def refuse(fd, op):
+            raise OSError(errno.ENOLCK, "No locks available")
+
+        fcntl.flock = refuse
+    for k in range(15):
+        cohort._update_failures(Path(out), {f"r{rank}-s{k}": {"error": "InputError",
+                                                             "message": "m"}}, [])
+
+
+@pytest.mark.parametrize("no_flock", [False, True])
+def test_failures_json_merges_updates_of_concurrent_ranks(tmp_path, no_flock):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_record_failures, args=(str(tmp_path), r, no_flock))
+             for r in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    fails = json.loads((tmp_path / "failures.json").read_text())
+    assert sorted(fails) == sorted(f"r{r}-s{k}" for r in range(4) for k in range(15))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["failures.json"]  # no lock left
+
+
+def test_lock_left_by_a_killed_process_is_taken_over(tmp_path):
+    lock = tmp_path / ".lock"
+    lock.mkdir()
+    old = time.time() - cohort._STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    t0 = time.monotonic()
+    with cohort._folder_lock(lock):
+        assert lock.is_dir()
+    assert not lock.exists() and time.monotonic() - t0 < 5
+
+
 # --------------------------------------------------------------------------------------------
 # torchrun cohorts
 

@@ -319,7 +319,13 @@ def _remove_leftovers(subjects_dir: Path, subject: str) -> list:
 @contextmanager
 def _locked(folder: Path):
     """Exclusive advisory lock on the folder ``folder`` itself (POSIX ``flock`` on the folder's
-    descriptor; no-op elsewhere), so that no lock file is left in it."""
+    descriptor; no-op elsewhere), so that no lock file is left in it.
+
+    Where a folder cannot be ``flock``-ed (NFS emulates ``flock`` with byte-range locks, which
+    a folder cannot take: the shared ``out`` of ranks on several nodes), the lock is the
+    creation of the sub-folder ``.lock`` (atomic also on NFS), removed at the end; one older
+    than :data:`_STALE_LOCK_S` was left by a killed process and is taken over.
+    """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
@@ -329,12 +335,47 @@ def _locked(folder: Path):
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        with _folder_lock(folder / ".lock"):
+            yield
+        return
+    try:
         try:
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+#: seconds after which a ``.lock`` folder counts as left by a killed process (holding the
+#: lock takes milliseconds: read, merge and write failures.json)
+_STALE_LOCK_S = 60.0
+
+
+@contextmanager
+def _folder_lock(path: Path, poll_s: float = 0.05):
+    """Hold the lock ``path`` (a folder that exists while it is held)."""
+    while True:
+        try:
+            os.mkdir(path)
+            break
+        except FileExistsError:
+            try:
+                stale = time.time() - path.stat().st_mtime > _STALE_LOCK_S
+            except FileNotFoundError:
+                continue
+            if stale:
+                with suppress(OSError):
+                    os.rmdir(path)
+                continue
+            time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        with suppress(FileNotFoundError):
+            os.rmdir(path)
 
 
 def _update_failures(out: Path, failed: dict, cleared: list) -> dict:
