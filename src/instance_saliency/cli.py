@@ -86,12 +86,20 @@ DEMO_DEFAULTS = {"n_samples": 4}
 def cmd_train(a) -> int:
     import torch
 
+    from .distributed import World
     from .models import CONFIG_NAME, WEIGHTS_NAME
     from .training import train
 
     if a.threads:
         torch.set_num_threads(a.threads)
     arch_args = _check_train_options(a)
+    world = World.from_environment()  # under torchrun rank 0 alone writes and prints
+    if a.batch_size % world.size:
+        raise InputError(f"--batch-size {a.batch_size} (the global batch) must be a multiple "
+                         f"of the number of processes, WORLD_SIZE={world.size}")
+    from .explain import check_device
+
+    check_device(world.device(a.device))
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a folder")
@@ -124,7 +132,7 @@ def cmd_train(a) -> int:
         probe.unlink()
     except OSError as e:
         raise OutputError(f"cannot write into {out}: {e.strerror or e}") from None
-    if a.overwrite:  # nothing of the replaced model is mixed into the new one
+    if a.overwrite and world.is_main:  # nothing of the replaced model is mixed into the new one
         for name in (CONFIG_NAME, WEIGHTS_NAME, "history.json", "history.png", "train.log",
                      "train_state.pt"):
             (out / name).unlink(missing_ok=True)
@@ -140,13 +148,17 @@ def cmd_train(a) -> int:
                         checkpoint_every=a.checkpoint_every, resume=a.resume,
                         stop_after=a.stop_after or None, save_val_prob=a.save_val_prob,
                         trained_on=names, normalisation=a.normalisation,
+                        device=a.device, echo=print,
                         command="instance-saliency "
                         + " ".join(shlex.quote(x) for x in sys.argv[1:]),
                         data_description=data)
     except BaseException:
-        if created and not (out / CONFIG_NAME).exists() and not (out / "train_state.pt").exists():
+        if (created and world.is_main and not (out / CONFIG_NAME).exists()
+                and not (out / "train_state.pt").exists()):
             shutil.rmtree(out, ignore_errors=True)  # no checkpoint yet: leave nothing
         raise
+    if not world.is_main:
+        return 0
     if "stopped_at" in summary:
         print(f"stopped at step {summary['stopped_at']}; continue with --resume (state in "
               f"{out / 'train_state.pt'})")
@@ -464,7 +476,9 @@ def cmd_cohort(a) -> int:
                      overwrite=a.overwrite, progress=not a.quiet,
                      allow_outside_root=a.allow_outside_root, n_boot=a.n_boot, seed=a.seed,
                      log=_cli_log, include_training_scans=a.include_training_scans)
-    return 1 if res["failed"] else 0
+    # under torchrun every rank exits 1 when a subject of any rank failed
+    failed = res["failed"] or any(r.get("failed") for r in res.get("ranks", ()))
+    return 1 if failed else 0
 
 
 def cmd_analyze(a) -> int:
@@ -635,7 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--channels", help="unet3d widths, e.g. 16,32,64,128,256")
     t.add_argument("--roi", type=int, default=96, help="cubic patch side in voxels")
     t.add_argument("--steps", type=int, default=1200)
-    t.add_argument("--batch-size", type=int, default=2)
+    t.add_argument("--batch-size", type=int, default=2, help="patches per step (default 2); "
+                   "under torchrun the global batch over all processes, a multiple of their "
+                   "number (the learning rate is that of the global batch)")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--val-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
@@ -660,6 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-val-prob", action="store_true",
                    help="save the last validation probability maps (val_prob_<i>.nii.gz)")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    t.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (under "
+                   "torchrun: cuda = each rank's cuda:LOCAL_RANK)")
     t.add_argument("--data-dir", help="local mirror of the public scans "
                    "(default: $INSTANCE_SALIENCY_DATA)")
     t.add_argument("--out", required=True, help="checkpoint folder")
@@ -726,7 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--out", required=True, help="cohort folder (subjects/<subject>/, "
                     "failures.json, stats)")
     co.add_argument("--shard", metavar="I/N", help="process only every N-th subject starting "
-                    "at the I-th (1-based) of the sorted list; skips the statistics when N > 1")
+                    "at the I-th (1-based) of the sorted list; skips the statistics when N > 1 "
+                    "(under torchrun each rank takes shard RANK+1/WORLD_SIZE itself)")
     co.add_argument("--allow-outside-root", action="store_true",
                     help="allow manifest paths outside the manifest's folder")
     co.add_argument("--include-training-scans", action="store_true",

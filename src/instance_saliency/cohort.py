@@ -7,7 +7,9 @@ cohort is resumable: a re-run skips subjects whose folder has ``run.json``, remo
 staging folders of a killed run, and redoes only what is missing. ``--shard i/n`` splits the
 subjects between independent processes writing into the same ``out``. At the end the cohort
 statistics (:func:`instance_saliency.stats.analyze`) are computed, unless the run is one shard
-of several (then run ``instance-saliency analyze OUT`` once all shards are done).
+of several (then run ``instance-saliency analyze OUT`` once all shards are done). Under
+``torchrun`` the ranks are the shards (rank ``r`` of ``n`` takes shard ``r+1/n``) and rank 0
+computes the statistics once every rank has finished (:mod:`instance_saliency.distributed`).
 
 Datasets are given as
 
@@ -29,11 +31,11 @@ import re
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import InputError, InstanceSaliencyError, OutputError
+from .errors import DistributedError, InputError, InstanceSaliencyError, OutputError
 from .explain import RUN_FILE, ExplainConfig, explain
 from .io import CHANNELS
 
@@ -317,7 +319,13 @@ def _remove_leftovers(subjects_dir: Path, subject: str) -> list:
 @contextmanager
 def _locked(folder: Path):
     """Exclusive advisory lock on the folder ``folder`` itself (POSIX ``flock`` on the folder's
-    descriptor; no-op elsewhere), so that no lock file is left in it."""
+    descriptor; no-op elsewhere), so that no lock file is left in it.
+
+    Where a folder cannot be ``flock``-ed (NFS emulates ``flock`` with byte-range locks, which
+    a folder cannot take: the shared ``out`` of ranks on several nodes), the lock is the
+    creation of the sub-folder ``.lock`` (atomic also on NFS), removed at the end; one older
+    than :data:`_STALE_LOCK_S` was left by a killed process and is taken over.
+    """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
@@ -327,12 +335,47 @@ def _locked(folder: Path):
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        with _folder_lock(folder / ".lock"):
+            yield
+        return
+    try:
         try:
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+#: seconds after which a ``.lock`` folder counts as left by a killed process (holding the
+#: lock takes milliseconds: read, merge and write failures.json)
+_STALE_LOCK_S = 60.0
+
+
+@contextmanager
+def _folder_lock(path: Path, poll_s: float = 0.05):
+    """Hold the lock ``path`` (a folder that exists while it is held)."""
+    while True:
+        try:
+            os.mkdir(path)
+            break
+        except FileExistsError:
+            try:
+                stale = time.time() - path.stat().st_mtime > _STALE_LOCK_S
+            except FileNotFoundError:
+                continue
+            if stale:
+                with suppress(OSError):
+                    os.rmdir(path)
+                continue
+            time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        with suppress(FileNotFoundError):
+            os.rmdir(path)
 
 
 def _update_failures(out: Path, failed: dict, cleared: list) -> dict:
@@ -430,6 +473,12 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
                include_training_scans: bool = False) -> dict:
     """Explain every subject of a dataset into ``out/subjects/<subject>/`` (resumable).
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank explains shard ``RANK + 1`` of
+    ``WORLD_SIZE`` (the subjects ``--shard RANK+1/WORLD_SIZE`` takes) on its own device
+    (``cuda`` becomes ``cuda:LOCAL_RANK``, see :meth:`instance_saliency.distributed.World.device`),
+    the ranks wait for each other (a gloo process group), and rank 0 alone computes the
+    statistics once every rank has finished without error.
+
     Parameters
     ----------
     data : path
@@ -445,17 +494,18 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
     shard : (int, int), optional
         ``(i, n)``: process only shard ``i`` of ``n`` (:func:`shard_cases`). With ``n > 1`` the
         statistics are not computed (run :func:`~instance_saliency.stats.analyze` at the end).
+        Not under torchrun with several ranks (the ranks are the shards).
     overwrite : bool
         Redo subjects that are already complete.
     progress : bool
-        Show a progress bar over subjects.
+        Show a progress bar over subjects (rank 0's only under torchrun).
     allow_outside_root : bool
         Allow manifest paths outside the manifest's folder.
     n_boot, seed : int
         Bootstrap resamples and seed of the statistics (figures and the HTML report only when
         ``config.figures``).
     log : callable
-        Receives one-line messages.
+        Receives one-line messages (prefixed ``[rank r of n]`` under torchrun).
     include_training_scans : bool
         By default a subject whose name is among the training scans of some members of a
         checkpoint ensemble (``trained_on``) is explained with the other members only, so that
@@ -468,7 +518,9 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
     dict
         ``subjects`` (this shard's, sorted), ``done``, ``skipped`` (already complete),
         ``failed`` (subject -> ``{"error", "message", "time"}``), ``removed_leftovers``,
-        ``analysis`` (the result of :func:`~instance_saliency.stats.analyze`, or None).
+        ``analysis`` (the result of :func:`~instance_saliency.stats.analyze`, or None); under
+        torchrun also ``ranks``: every rank's ``{"ok", "subjects", "done", "skipped",
+        "failed"}`` (or ``{"ok": False, "error"}``), in rank order.
 
     Raises
     ------
@@ -476,11 +528,14 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
         Bad dataset (see :func:`discover_cases`), bad parameters, or a complete subject whose
         ``run.json`` records other explain parameters or another model (use the same options,
         or ``overwrite``); every subject of this run failed (see ``failures.json``); from the
-        analysis: no subject finished.
+        analysis: no subject finished; ``shard`` given under torchrun with several ranks.
     ModelError
         The model folder is missing or broken (checked once, before any subject).
     OutputError
         ``out`` is not a usable folder.
+    DistributedError
+        Under torchrun: the ranks cannot meet, another rank did not answer in time, or (on
+        rank 0) another rank failed, so that the statistics were not computed.
     KeyboardInterrupt
         Passed on; the subject being explained leaves nothing behind but its staging folder
         (removed at the next run), finished subjects stay.
@@ -492,6 +547,107 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
     on; a failed subject is retried by the next run. Do not run the same shard twice at the
     same time: each run deletes the staging leftovers of its own subjects.
     """
+    from .distributed import World
+
+    world = World.from_environment()
+    if world.distributed:
+        if shard is not None:
+            raise InputError(f"--shard {shard[0]}/{shard[1]} cannot be combined with torchrun "
+                             f"(WORLD_SIZE={world.size}): each rank takes shard "
+                             f"RANK+1/WORLD_SIZE itself")
+        return _run_ranks(world, data, out, config, model_dir, overwrite, progress,
+                          allow_outside_root, n_boot, seed, log, include_training_scans)
+    res = _explain_share(data, out, config, model_dir, shard, overwrite, progress,
+                         allow_outside_root, log,
+                         where=f" (shard {shard[0]}/{shard[1]})" if shard else "",
+                         include_training_scans=include_training_scans)
+    res["analysis"] = None
+    if shard is None or shard[1] == 1:
+        _refuse_all_failed(out, res["failed"], len(res["done"]) + len(res["skipped"]))
+        from .stats import analyze
+
+        res["analysis"] = analyze(out, n_boot=n_boot, seed=seed, figures=config.figures,
+                                  log=log)
+    else:
+        log(f"after all {shard[1]} shards: instance-saliency analyze {out}")
+    return res
+
+
+def _refuse_all_failed(out, failed: dict, n_ok: int) -> None:
+    if failed and not n_ok:
+        first, info = next(iter(failed.items()))
+        raise InputError(f"every subject failed ({len(failed)}; first {first}: "
+                         f"{info['message']}); details in {Path(out) / FAILURES_FILE}")
+
+
+def _run_ranks(world, data, out, config, model_dir, overwrite, progress, allow_outside_root,
+               n_boot, seed, log, include_training_scans: bool = False) -> dict:
+    """:func:`run_cohort` on one rank of a torchrun launch (``world.size > 1``).
+
+    Every rank explains its shard, then all gather each rank's outcome (also a rank that
+    raised, before it passes its error on); rank 0 runs the statistics when every rank
+    succeeded (else it raises a DistributedError naming the failed ranks), and the others wait
+    for it at a barrier, so that torchrun does not stop rank 0 because another rank exited.
+    """
+    from dataclasses import replace
+
+    from .distributed import process_group, timeout_s
+
+    def say(m: str) -> None:
+        w = "warning: " if m.startswith("warning: ") else ""
+        log(f"{w}[{world}] {m[len(w):]}")
+
+    config = replace(config, device=world.device(config.device))
+    # gloo also for GPUs: the ranks exchange a few small messages, and a rank may wait hours
+    # for a slower one (NCCL's watchdog would end such a wait)
+    with process_group(world, config.device, timeout_s(86400), backend="gloo") as group:
+        try:
+            res = _explain_share(data, out, config, model_dir, world.shard, overwrite,
+                                 progress and world.is_main, allow_outside_root, say,
+                                 where=f" ({world})",
+                                 include_training_scans=include_training_scans)
+        except Exception as e:  # tell rank 0, wait until it has said so, then pass it on
+            msg = str(e).splitlines()[0] if str(e) else ""
+            with suppress(DistributedError):
+                group.all_gather({"ok": False, "error": f"{type(e).__name__}: {msg}"})
+                group.barrier()
+            raise
+        ranks = group.all_gather({"ok": True, "subjects": len(res["subjects"]),
+                                  "done": len(res["done"]), "skipped": len(res["skipped"]),
+                                  "failed": res["failed"]})
+        res.update(ranks=ranks, analysis=None)
+        error = None
+        if world.is_main:
+            try:
+                bad = [r for r, s in enumerate(ranks) if not s["ok"]]
+                if bad:
+                    raise DistributedError(
+                        f"rank(s) {', '.join(map(str, bad))} failed (rank {bad[0]}: "
+                        f"{ranks[bad[0]]['error']}); cohort statistics not computed; run the "
+                        f"same command again to finish the missing subjects")
+                failed = {k: v for s in ranks for k, v in s["failed"].items()}
+                n_ok = sum(s["done"] + s["skipped"] for s in ranks)
+                log(f"cohort ({world.size} ranks): {sum(s['done'] for s in ranks)} done, "
+                    f"{sum(s['skipped'] for s in ranks)} skipped (already complete), "
+                    f"{len(failed)} failed of {sum(s['subjects'] for s in ranks)} subject(s)")
+                _refuse_all_failed(out, failed, n_ok)
+                from .stats import analyze
+
+                res["analysis"] = analyze(out, n_boot=n_boot, seed=seed, figures=config.figures,
+                                          log=log)
+            except Exception as e:  # passed on once the other ranks stopped waiting
+                error = e
+        group.barrier()
+    if error is not None:
+        raise error
+    return res
+
+
+def _explain_share(data, out, config: ExplainConfig, model_dir, shard, overwrite: bool,
+                   progress: bool, allow_outside_root: bool, log, where: str = "",
+                   include_training_scans: bool = False) -> dict:
+    """Explain the subjects of ``shard`` (all without one): :func:`run_cohort` without the
+    statistics. Returns its dict without ``analysis``."""
     from tqdm import tqdm
 
     config.validate()
@@ -515,8 +671,8 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
         raise OutputError(f"cannot create {sub}: {e.strerror or e}") from None
     model_folder = str(Path(model_dir).resolve()) if model_dir is not None else None
     stored_model = model_folder or "shipped default"
-    if not overwrite:  # refuse to mix parameters before doing any work
-        for c in mine:
+    if not overwrite:  # refuse to mix parameters before doing any work, in every shard alike
+        for c in cases:
             rf = sub / c.subject / RUN_FILE
             if rf.is_file():
                 why = _parameter_mismatch(rf, config, stored_model)
@@ -555,21 +711,8 @@ def run_cohort(data: str | os.PathLike, out: str | os.PathLike, config: ExplainC
     finally:
         bar.close()
         _update_failures(out, {}, done + skipped)
-    where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     log(f"cohort{where}: {len(done)} done, {len(skipped)} skipped (already complete), "
         f"{len(failed)} failed of {len(mine)} subject(s) in {time.time() - t0:.0f} s; "
         f"outputs in {sub}" + (f"; failures in {out / FAILURES_FILE}" if failed else ""))
-    analysis = None
-    if shard is None or shard[1] == 1:
-        from .stats import analyze
-
-        if failed and not done and not skipped:
-            first, info = next(iter(failed.items()))
-            raise InputError(f"every subject failed ({len(failed)}; first {first}: "
-                             f"{info['message']}); details in {out / FAILURES_FILE}")
-
-        analysis = analyze(out, n_boot=n_boot, seed=seed, figures=config.figures, log=log)
-    else:
-        log(f"after all {shard[1]} shards: instance-saliency analyze {out}")
     return {"subjects": [c.subject for c in mine], "done": done, "skipped": skipped,
-            "failed": failed, "removed_leftovers": leftovers, "analysis": analysis}
+            "failed": failed, "removed_leftovers": leftovers}

@@ -25,6 +25,11 @@ class OutputError(InstanceSaliencyError):
     """An output location cannot be used (exists without ``--overwrite``, not writable)."""
 
 
+class DistributedError(InstanceSaliencyError):
+    """A ``torchrun`` launch cannot start (bad rank variables, the ranks cannot meet), or another
+    rank failed or did not answer in time."""
+
+
 class ModelWarning(UserWarning):
     """Something about a model the user should know (e.g. its custom nnU-Net trainer class is
     not installed, so the network was built as the base trainer builds it). The command line

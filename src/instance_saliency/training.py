@@ -9,9 +9,11 @@ decay of the learning rate, and an exponential moving average (EMA) of the weigh
 statistics) is kept: the EMA weights are what is saved and validated, instead of a noisy
 best-step pick.
 
-Every random draw of step ``s`` is seeded from ``(seed, s)`` alone (subject choice, crop and
-augmentation), so a run resumed from a checkpoint (``train_state.pt``) continues exactly as the
-uninterrupted run would have.
+Every random draw of step ``s`` is seeded from ``(seed, s)`` alone (the subject of the step)
+and ``(seed, s, k)`` (crop and augmentation of the step's patch ``k``), so a run resumed from a
+checkpoint (``train_state.pt``) continues exactly as the uninterrupted run would have, and under
+``torchrun`` the ranks draw disjoint shares of the very batch one process would draw (see
+:func:`train`).
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ def validate(model: torch.nn.Module, subjects: Sequence[Subject], cfg: ModelConf
     from .inference import predict_probability
     from .metrics import evaluate_pair
 
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out, probs = [], []
@@ -127,7 +130,8 @@ def validate(model: torch.nn.Module, subjects: Sequence[Subject], cfg: ModelConf
         for i, s in enumerate(subjects):
             img = (images[i] if images is not None
                    else normalise(s.image, cfg.normalisation, cfg.landmarks))
-            prob = predict_probability(model, img, cfg.roi_size, cfg.overlap, cfg.lesion_class)
+            prob = predict_probability(model, img, cfg.roi_size, cfg.overlap, cfg.lesion_class,
+                                       device=device)
             out.append(evaluate_pair(s.mask, prob >= cfg.threshold, spacing=s.spacing))
             probs.append(prob)
     finally:
@@ -141,9 +145,41 @@ def _ema(model: torch.nn.Module, decay: float):
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+#: how the patches of a step are drawn (stored in train_state.pt; states without it drew all
+#: patches of a step from one random state, before the per-patch seeds)
+SAMPLING = "per-patch seeds (seed, step, k)"
+
+
+def _draw_patches(items: list, xform, seed: int, step: int, patches: range):
+    """Patches ``patches`` (indices into the step's global batch) of step ``step``.
+
+    The step's subject is drawn from ``(seed, step)`` and patch ``k``'s crop and augmentation
+    from ``(seed, step, k)`` alone, so that any split of the global batch over ranks draws the
+    patches one process draws. ``xform`` draws one patch (``augmentations(roi, 1, recipe)``).
+
+    Returns
+    -------
+    x : Tensor, shape (len(patches), C, X, Y, Z), float32
+    y : Tensor, shape (len(patches), 1, X, Y, Z), float32 (0 / 1 labels)
+    """
+    rs = np.random.default_rng([seed, step])
+    item = items[int(rs.integers(len(items)))]
+    xs, ys = [], []
+    for k in patches:
+        xform.set_random_state(seed=int(np.random.default_rng([seed, step, k]).integers(2**31)))
+        (sample,) = xform(item)
+        xs.append(torch.as_tensor(np.asarray(sample["image"])))
+        ys.append(torch.as_tensor(np.asarray(sample["label"])))
+    return torch.stack(xs).float(), torch.stack(ys).float()
+
+
+def _has_batch_norm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def _save_state(path: Path, step: int, model, ema, opt, running: list, history: list) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"step": step, "model": model.state_dict(),
+    torch.save({"step": step, "sampling": SAMPLING, "model": model.state_dict(),
                 "ema": ema.state_dict() if ema is not None else {},
                 "optimizer": opt.state_dict(), "running": torch.tensor(running, dtype=torch.float64),
                 "history": json.dumps(history)}, tmp)
@@ -182,8 +218,29 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
           data_description: str = "", recipe: str = "v2", ema_decay: float = 0.999,
           warmup: int = 100, checkpoint_every: int = 0, resume: bool = False,
           stop_after: int | None = None, save_val_prob: bool = False,
-          trained_on=(), normalisation: str = "zscore_nonzero") -> dict:
+          trained_on=(), normalisation: str = "zscore_nonzero", device: str = "cpu",
+          echo=None) -> dict:
     """Train and save the final (EMA) weights in ``out_dir``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` = W > 1) every rank runs this function and the model is
+    wrapped in ``DistributedDataParallel``:
+
+    * ``batch_size`` is the **global batch** of a step: each rank draws ``batch_size / W`` of
+      its patches (rank ``r`` the patches ``r·b/W .. (r+1)·b/W - 1``; each patch is drawn from
+      ``(seed, step, k)`` alone), so the ranks' shares are disjoint and together they are the
+      batch one process draws;
+    * the gradients are averaged over the ranks, which is the gradient of the single-process
+      loss of the global batch (the loss is a mean over equal-sized patches), and the
+      learning rate is the one given for the global batch: **not scaled** with W (the same
+      run on 1 or W processes gives the same weights, up to float rounding);
+    * batch norm: on GPUs the network's batch-norm layers become ``SyncBatchNorm``
+      (statistics over the global batch, as in one process); on the CPU (gloo; PyTorch has no
+      CPU SyncBatchNorm) each rank normalises with its own patches' statistics and the running
+      statistics are rank 0's, so a model with batch norm trained on several CPU processes
+      differs from the single-process run (instance norm, as in ``nnunet``, does not);
+    * rank 0 alone validates and writes files (``train_state.pt``, the weights,
+      ``config.json``, history, log); on ``resume`` every rank reads ``train_state.pt``, and a
+      run may be resumed with another number of ranks.
 
     Parameters
     ----------
@@ -195,7 +252,12 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
         when ``ema_decay`` is 0), ``last/`` (final raw weights), ``history.json``,
         ``history.png``, ``train.log`` and, while running, ``train_state.pt``.
     steps : int
-        Optimiser steps; each uses ``batch_size`` patches (half centred on lesion voxels).
+        Optimiser steps; each uses ``batch_size`` patches (each centred on a lesion voxel with
+        probability 1/2, else on a background voxel).
+    batch_size : int
+        Patches per step over all ranks (the global batch); a multiple of ``WORLD_SIZE``.
+    lr : float
+        Peak learning rate of AdamW for the global batch (see :func:`lr_at`).
     recipe : {"v1", "v2", "v3"}
         Augmentation recipe, see :func:`augmentations`.
     ema_decay : float
@@ -216,29 +278,72 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
         Input normalisation (:func:`instance_saliency.io.normalise`). ``"histogram"`` learns
         the standard scale as the mean of the training scans' landmarks
         (:func:`instance_saliency.io.histogram_landmarks`) and stores it in ``config.json``.
+    device : str
+        Torch device, e.g. ``"cpu"`` or ``"cuda"``; under torchrun ``"cuda"`` is each rank's
+        ``cuda:LOCAL_RANK`` (:meth:`instance_saliency.distributed.World.device`).
+    echo : callable, optional
+        Receives one-line messages on rank 0 (the set-up of a distributed run, a resume of a
+        state written before the per-patch sampling).
 
     Returns
     -------
     dict
-        Training summary (also stored in ``config.json`` under ``training``).
+        Training summary (also stored in ``config.json`` under ``training``): rank 0's, on
+        every rank.
 
     Raises
     ------
     InputError
-        Unknown recipe or normalisation, or ``resume`` without a state file.
+        Unknown recipe or normalisation, ``resume`` without a state file, or a ``batch_size``
+        that is not a multiple of ``WORLD_SIZE``.
+    DistributedError
+        Under torchrun: the ranks cannot meet, or another rank did not answer in time.
     """
-    from monai.losses import DiceCELoss
-    from monai.utils import set_determinism
+    from .distributed import World, process_group, timeout_s
 
+    world = World.from_environment()
+    if batch_size % world.size:
+        raise InputError(f"--batch-size {batch_size} (the global batch) must be a multiple of "
+                         f"the number of processes, WORLD_SIZE={world.size}")
+    device = world.device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / STATE_NAME
     if resume and not state_path.is_file():
         raise InputError(f"--resume: {state_path} not found (no interrupted run in {out_dir})")
-    fh = logging.FileHandler(out_dir / "train.log")
-    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(fh)
+    fh = None
+    if world.is_main:  # one writer of train.log
+        fh = logging.FileHandler(out_dir / "train.log")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(fh)
     log.setLevel(logging.INFO)
+    echo = echo if (echo is not None and world.is_main) else (lambda m: None)
+    try:
+        with process_group(world, device, timeout_s(1800)) as group:
+            return _train(group, train_subjects, val_subjects, out_dir, architecture,
+                          arguments, roi_size, steps, batch_size, lr, val_every, seed,
+                          threshold, overlap, progress, command, data_description, recipe,
+                          ema_decay, warmup, checkpoint_every, resume, stop_after,
+                          save_val_prob, trained_on, normalisation, device, echo)
+    finally:
+        if fh is not None:
+            log.removeHandler(fh)
+            fh.close()
+
+
+def _train(group, train_subjects, val_subjects, out_dir: Path, architecture, arguments,
+           roi_size, steps, batch_size, lr, val_every, seed, threshold, overlap, progress,
+           command, data_description, recipe, ema_decay, warmup, checkpoint_every, resume,
+           stop_after, save_val_prob, trained_on, normalisation, device, echo) -> dict:
+    """:func:`train` on one rank, inside its process group (a stand-in for one process)."""
+    from monai.losses import DiceCELoss
+    from monai.utils import set_determinism
+
+    world = group.world
+    main = world.is_main
+    per_rank = batch_size // world.size
+    mine = range(world.rank * per_rank, (world.rank + 1) * per_rank)
+    state_path = out_dir / STATE_NAME
     set_determinism(seed)
     torch.manual_seed(seed)
     arguments = dict(arguments or {})
@@ -250,9 +355,22 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
         cfg.landmarks = np.mean([histogram_landmarks(s.image) for s in train_subjects],
                                 axis=0).round(6).tolist()
     items = [_to_item(s, cfg) for s in train_subjects]
-    val_images = [normalise(s.image, cfg.normalisation, cfg.landmarks) for s in val_subjects]
-    xform = augmentations(roi_size, batch_size, recipe)
+    val_images = [normalise(s.image, cfg.normalisation, cfg.landmarks) for s in val_subjects
+                  ] if main else []
+    xform = augmentations(roi_size, 1, recipe)  # one patch per draw, see _draw_patches
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    cuda = torch.device(device).type == "cuda"
+    if not _has_batch_norm(model):
+        batch_norm = "none"
+    elif not world.distributed:
+        batch_norm = "statistics of the global batch"
+    elif cuda:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        batch_norm = "SyncBatchNorm: statistics of the global batch"
+    else:
+        batch_norm = ("per process: statistics of each rank's patches, running statistics of "
+                      "rank 0 (no SyncBatchNorm on the CPU)")
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     ema = _ema(model, ema_decay) if ema_decay > 0 else None
     history: list = []
@@ -268,70 +386,90 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
         history = json.loads(st["history"])
         start = int(st["step"]) + 1
         log.info(json.dumps({"resumed_at_step": start - 1}))
+        if st.get("sampling") != SAMPLING:
+            note = (f"{STATE_NAME} was written before patches were drawn one seed each: the "
+                    f"steps after {start - 1} draw other patches than the interrupted run would")
+            log.info(note)
+            echo(f"note: {note}")
+    net = model
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[torch.device(device).index]
+                                      if cuda else None)
+    setup = {"processes": world.size, "global_batch": batch_size, "batch_per_process": per_rank,
+             "lr": lr, "lr_rule": "the learning rate of the global batch, not scaled with the "
+             "number of processes", "batch_norm": batch_norm, "device": device}
+    log.info(json.dumps(setup))
+    if world.distributed:
+        echo(f"training on {world.size} processes ({device}): global batch {batch_size} = "
+             f"{per_rank} patch(es) per process x {world.size}; learning rate {lr:g} for the "
+             f"global batch (not scaled); batch norm: {batch_norm}")
     t0 = time.time() - (history[-1]["time_s"] if history else 0.0)
     last = min(steps, stop_after) if stop_after else steps
     it = range(start, last + 1)
-    if progress:
+    if progress and main:
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="train", unit="step", initial=start - 1, total=steps)
     model.train()
     eval_model = ema.module if ema is not None else model
     for step in it:
-        # every random draw of this step depends on (seed, step) alone: exact resume
-        rs = np.random.default_rng([seed, step])
-        xform.set_random_state(seed=int(rs.integers(2**31)))
-        samples = xform(items[int(rs.integers(len(items)))])
-        x = torch.stack([torch.as_tensor(np.asarray(s["image"])) for s in samples]).float()
-        y = torch.stack([torch.as_tensor(np.asarray(s["label"])) for s in samples]).float()
+        # every random draw of this step depends on (seed, step[, patch]) alone: exact resume,
+        # and the ranks' shares of the global batch are the patches one process would draw
+        x, y = _draw_patches(items, xform, seed, step, mine)
+        x, y = x.to(device), y.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
+        loss = loss_fn(net(x), y)
+        loss.backward()  # DDP: gradients averaged over the ranks
         opt.step()
         if ema is not None:
             ema.update_parameters(model)
-        running.append(float(loss.detach()))
+        running.append(group.mean(loss.detach()))  # the loss of the global batch
         is_val = step % val_every == 0 or step == steps
         if is_val:
             rec = {"step": step, "loss": float(np.mean(running)), "lr": lr_at(step, steps, lr, warmup),
                    "time_s": round(time.time() - t0, 1)}
             running = []
-            if val_subjects:
-                res, probs = validate(eval_model, val_subjects, cfg, val_images, return_prob=True)
-                rec["val"] = res
-                rec["val_ndsc"] = float(np.mean([r["ndsc"] for r in res]))
-                rec["val_f1"] = float(np.nanmean([r["lesion_f1"] for r in res]))
-                if step == steps and save_val_prob:
-                    from .io import save_map
+            if main:  # the other ranks wait at their next step
+                if val_subjects:
+                    res, probs = validate(eval_model, val_subjects, cfg, val_images,
+                                          return_prob=True)
+                    rec["val"] = res
+                    rec["val_ndsc"] = float(np.mean([r["ndsc"] for r in res]))
+                    rec["val_f1"] = float(np.nanmean([r["lesion_f1"] for r in res]))
+                    if step == steps and save_val_prob:
+                        from .io import save_map
 
-                    for i, (s, p) in enumerate(zip(val_subjects, probs)):
-                        save_map(out_dir / f"val_prob_{i}.nii.gz", p, s.affine)
-            history.append(rec)
-            log.info(json.dumps({k: v for k, v in rec.items() if k != "val"}))
-            atomic_write_text(out_dir / "history.json", json.dumps(history, indent=1))
-            _plot_history(history, out_dir / "history.png")
-        if (checkpoint_every and step % checkpoint_every == 0) or is_val or step == last:
+                        for i, (s, p) in enumerate(zip(val_subjects, probs)):
+                            save_map(out_dir / f"val_prob_{i}.nii.gz", p, s.affine)
+                history.append(rec)
+                log.info(json.dumps({k: v for k, v in rec.items() if k != "val"}))
+                atomic_write_text(out_dir / "history.json", json.dumps(history, indent=1))
+                _plot_history(history, out_dir / "history.png")
+        if main and ((checkpoint_every and step % checkpoint_every == 0) or is_val
+                     or step == last):
             _save_state(state_path, step, model, ema, opt, running, history)
     if last < steps:  # stopped early on purpose: the state file continues the run
-        log.removeHandler(fh)
-        fh.close()
+        group.barrier()  # the state is written when any rank returns
         return {"stopped_at": last}
-    save_checkpoint(out_dir / "last", model.eval(), cfg)
-    save_checkpoint(out_dir, eval_model.eval(), cfg)
     summary = {
         "command": command, "data": data_description, "steps": steps, "batch_size": batch_size,
+        "processes": world.size, "batch_per_process": per_rank,
+        "lr_rule": setup["lr_rule"], "batch_norm": batch_norm,
         "roi_size": list(roi_size), "lr": lr, "seed": seed, "recipe": recipe,
         "ema_decay": ema_decay, "normalisation": normalisation, "warmup": warmup, "schedule": "linear warm-up + cosine to 2 %",
-        "weights": "EMA" if ema is not None else "last step",
+        "sampling": SAMPLING, "weights": "EMA" if ema is not None else "last step",
         "val_at_last": history[-1].get("val") if history else None,
         "train_time_s": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads(),
     }
-    cfg.training = summary
-    for folder in (out_dir, out_dir / "last"):
-        atomic_write_text(folder / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
-    state_path.unlink(missing_ok=True)
-    log.removeHandler(fh)
-    fh.close()
-    return summary
+    if main:
+        save_checkpoint(out_dir / "last", model.eval(), cfg)
+        save_checkpoint(out_dir, eval_model.eval(), cfg)
+        cfg.training = summary
+        for folder in (out_dir, out_dir / "last"):
+            atomic_write_text(folder / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+        state_path.unlink(missing_ok=True)
+    return group.broadcast(summary)  # rank 0's; the model is written when any rank returns
