@@ -7,7 +7,9 @@ Steps: (1) fetch and verify the four public subjects of :mod:`instance_saliency.
 (open_ms_data patient07 and patient19, MSLesSeg P18 and P39; the local mirror named by
 ``INSTANCE_SALIENCY_DATA`` is used when set); (2) ``instance-saliency cohort`` into a fresh run
 folder (exact sliding-window mode, SmoothGrad N = 4 as the demo, Grad-CAM++ at the default
-layer; per-lesion tables include the map features used for FP flagging); (3)
+layer; per-lesion tables include the map features used for FP flagging; each subject explained
+by the members of the shipped ensemble that never saw it); (2b) ``instance-saliency check`` on
+the ``--checks`` largest predicted lesions of each subject (settings :data:`CHECK_ARGS`); (3)
 ``instance-saliency analyze --n-boot 1000 --fit-flagger`` (statistics, figures, the cohort
 report, the baseline-versus-saliency flagging comparison and a JSON flagger fitted on all four
 subjects); (4) copy ``stats.md``, ``stats.json``, ``cohort_instances.csv``,
@@ -29,6 +31,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBJECTS = ("patient07", "patient19", "P18", "P39")
+#: settings of the per-lesion checks on the cohort (a reduced version of `check`'s defaults,
+#: so that the four scans' checks take tens of minutes on 2 CPU cores, not hours)
+CHECK_ARGS = ("--methods", "smoothgrad,gradcampp,hirescam", "--n-samples", "4", "--stages", "2",
+              "--steps", "4", "--random-orders", "1", "--baselines", "background",
+              "--context-mm", "0:12:2", "--quiet")
 COPIED = ("stats.md", "stats.json", "cohort_instances.csv", "cohort_report.html",
           "flagger.json")
 
@@ -43,6 +50,10 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", help="local mirror of the public scans")
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true", help="continue an existing run folder")
+    p.add_argument("--checks", type=int, default=3, metavar="K",
+                   help="run `instance-saliency check` on the K largest predicted lesions of "
+                   "each subject before the analysis, with the reduced settings CHECK_ARGS "
+                   "(default 3; 0 = no checks)")
     a = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT / "src"))
@@ -71,6 +82,10 @@ def main(argv=None) -> int:
                    "--device", a.device, *model])
     if rc != 0:
         return rc
+    if a.checks > 0:
+        rc = cli.main(["check", str(run), *CHECK_ARGS, "--max-lesions", str(a.checks)])
+        if rc != 0:
+            return rc
     rc = cli.main(["analyze", str(run), "--n-boot", "1000", "--fit-flagger",
                    str(run / "flagger.json")])
     if rc != 0:
