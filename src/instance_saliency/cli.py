@@ -181,7 +181,7 @@ def _explain_config(a):
         cam_layer=a.cam_layer, seed=a.seed, batch_size=a.batch_size,
         sw_batch_size=a.sw_batch_size, max_instances=a.max_instances,
         figures=not a.no_figures, maps=a.maps, maps_margin_mm=a.maps_margin_mm,
-        device=a.device, flagger=a.flagger, **_model_options(a))
+        device=a.device, precision=a.precision, flagger=a.flagger, **_model_options(a))
 
 
 def _cli_log(msg: str) -> None:
@@ -618,6 +618,10 @@ def _add_explain_options(e, **overrides) -> None:
                    help="margin of cropped maps around the lesion's bounding box (default: "
                         "the farthest distance from the border any number reads, 8 mm)")
     e.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    e.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=d.precision,
+                   help="numeric precision of the saliency passes: fp32 (default; exact), or "
+                        "bf16/fp16 autocast (faster on GPUs; maps differ by about 1e-2 "
+                        "relative, see docs/performance.md); the prediction stays fp32")
     e.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     e.add_argument("--quiet", action="store_true", help="no progress bars (the one-line "
                    "steps, the plan and the expected time are still printed)")

@@ -8,6 +8,7 @@ interrupted run leaves either the previous complete result or none.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -82,6 +83,14 @@ class ExplainConfig:
     maps_margin_mm : float or None
         Margin of the cropped maps in mm; ``None`` = :func:`instance_saliency.maps.default_margin_mm`
         (the farthest distance from the lesion border any number reads: 8 mm by default).
+    device : str
+        Torch device of the network passes and of the saliency accumulation (``cpu``,
+        ``cuda``, ``cuda:1``, ...).
+    precision : {"fp32", "bf16", "fp16"}
+        Numeric precision of the saliency passes (:data:`instance_saliency.saliency.PRECISIONS`):
+        IEEE float32 (default, on every device) or ``torch.autocast`` to bfloat16/float16 —
+        faster on GPUs, with a map error measured in docs/performance.md. The prediction (and
+        so the lesion instances) is always float32.
     """
 
     methods: tuple = DEFAULT_METHODS
@@ -107,6 +116,7 @@ class ExplainConfig:
     maps: str = "crop"
     maps_margin_mm: float | None = None
     device: str = "cpu"
+    precision: str = "fp32"
     folds: tuple | None = None
     checkpoint: str | None = None
     mirroring: bool | None = None
@@ -148,6 +158,11 @@ class ExplainConfig:
         if self.maps_margin_mm is not None and not (
                 np.isfinite(self.maps_margin_mm) and self.maps_margin_mm >= 0):
             raise InputError("--maps-margin-mm must be a finite number >= 0")
+        from .saliency import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
+                             f"{self.precision!r}")
 
     def model_options(self) -> dict:
         """Keyword arguments of :func:`instance_saliency.models.load_model`."""
@@ -319,6 +334,28 @@ def release_memory() -> None:
         pass
 
 
+def check_precision_on(device: str, precision: str) -> None:
+    """Refuse a ``--precision`` the device cannot run, with a one-line :class:`InputError`
+    (e.g. bf16 on a GPU without bfloat16, or on a CPU without AVX-512)."""
+    from .saliency._speed import check_precision
+
+    try:
+        check_precision(precision, device)
+    except ValueError as e:
+        raise InputError(f"--precision {precision} on --device {device}: {e}") from None
+
+
+def cuda_peak_gb(device: str) -> float | None:
+    """Peak CUDA memory allocated by torch on ``device`` since the last reset, in GB
+    (1e9 bytes; ``torch.cuda.max_memory_allocated``); None off CUDA."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated(dev) / 1e9, 3)
+
+
 def check_device(device: str) -> None:
     """Refuse a torch device that does not exist here, with a one-line :class:`InputError`."""
     import torch
@@ -408,7 +445,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
     from .quantify import distance_profile, quantify_instance
     from .report import instance_figure
     from .report.viewer import ViewerData
-    from .saliency import gradcampp, hirescam, smoothgrad
+    from .saliency import _speed, gradcampp, hirescam, record_layer_sums, smoothgrad
     from .targets import InstanceTarget
 
     cfg = config or ExplainConfig()
@@ -418,6 +455,9 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
     timings: dict = {}
     t_all = time.time()
     check_device(cfg.device)
+    check_precision_on(cfg.device, cfg.precision)
+    if torch.device(cfg.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch.device(cfg.device))
     given = dict(images or {})
     for name, path in (("FLAIR", flair), ("MPRAGE", mprage)):
         if path is not None:
@@ -462,10 +502,23 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
         prep = model.prepare(subj.image, subj.spacing, affine=subj.affine)
         xt = torch.from_numpy(prep.x).to(cfg.device)
         grid = model.grid(prep.x.shape[1:])
+        # Grad-CAM++ needs the sums of its layer's activations over each window before its
+        # backward passes; the prediction runs every window anyway, so they are recorded here
+        # (K numbers per window) and Grad-CAM++ skips a pass of its own.
+        record = (cfg.mode == "sliding" and not _speed.LEGACY
+                  and any(m in CAM_METHODS for m in cfg.methods))
+        layer_sums = None
         try:
-            with torch.no_grad():
+            # fp32 means IEEE float32 on every device (no TF32 on a GPU), as in the saliency
+            with (torch.no_grad() if _speed.LEGACY else torch.inference_mode()), \
+                    (contextlib.nullcontext() if _speed.LEGACY
+                     else _speed.precision_context("fp32", cfg.device)), \
+                    (record_layer_sums(model, cam_layer) if record
+                     else contextlib.nullcontext()) as rec:
                 logits = sliding_window_logits(model.network, xt[None], grid, cfg.sw_batch_size,
                                                progress)
+            if rec is not None:
+                layer_sums = rec.per_member(grid.n_windows, cfg.sw_batch_size)
         except RuntimeError as e:
             raise ModelError(f"the model ({model.source}) failed on this input: "
                              f"{str(e).splitlines()[0]}") from None
@@ -543,7 +596,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
                     model, xt, targets, mode=cfg.mode, grid=grid, roi_size=model.roi_size,
                     overlap=model.overlap, n_samples=cfg.n_samples, noise_level=cfg.noise_level,
                     seed=cfg.seed, batch_size=cfg.batch_size, sw_batch_size=cfg.sw_batch_size,
-                    device=cfg.device, progress=progress)
+                    device=cfg.device, progress=progress, precision=cfg.precision)
             else:
                 fn = {"gradcampp": gradcampp, "hirescam": hirescam}[method]
                 log(f"{METHOD_LABELS[method]}: {len(targets)} instance(s) at {cam_layer}")
@@ -551,7 +604,8 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
                     res = fn(
                         model, xt, targets, cam_layer, mode=cfg.mode, grid=grid,
                         roi_size=model.roi_size, overlap=model.overlap,
-                        sw_batch_size=cfg.sw_batch_size, device=cfg.device, progress=progress)
+                        sw_batch_size=cfg.sw_batch_size, device=cfg.device, progress=progress,
+                        precision=cfg.precision, layer_sums=layer_sums)
                 except ValueError as e:
                     raise InputError(f"{METHOD_LABELS[method]}: {e}") from None
             timings[f"{method}_s"] = round(time.time() - t0, 2)
@@ -643,6 +697,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
                      + _trained_on_text(model))
             timings["figures_s"] = round(fig_s + time.time() - t0, 2)
         timings["total_s"] = round(time.time() - t_all, 2)
+        peak = cuda_peak_gb(cfg.device)
         run = {
             "instance_saliency_run": 1, "command": "explain",
             "inputs": {k: {"path": str(Path(p).resolve()), "sha256": datasets.sha256sum(p)}
@@ -654,6 +709,9 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
             "summary": summary, "timings_s": timings, "versions": _versions(),
             "seed": cfg.seed, "torch_threads": torch.get_num_threads(),
         }
+        if peak is not None:  # torch.cuda.max_memory_allocated over the whole run
+            run["cuda_peak_memory_gb"] = peak
+            run["cuda_device"] = torch.cuda.get_device_name(torch.device(cfg.device))
         if outside:
             run["no_saliency_outside_network_region"] = outside
         if lost:
@@ -672,7 +730,9 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
     n = summary["instances"]
     msg = (f"{n} lesion instance(s) explained ({', '.join(f'{v} {k}' for k, v in counts.items() if v)})"
            if n else "no lesion instances found: empty table written")
-    log(f"{msg}; outputs in {out} ({timings['total_s']:.0f} s)")
+    mem = (f"; CUDA peak memory {run['cuda_peak_memory_gb']:.2f} GB"
+           if "cuda_peak_memory_gb" in run else "")
+    log(f"{msg}; outputs in {out} ({timings['total_s']:.0f} s{mem})")
     return run
 
 

@@ -77,23 +77,37 @@ def _new_figure(figsize, dpi=_DPI):
     return fig
 
 
-def _fit_right_edge(fig, gs, artists, pad_px: float = 4.0) -> None:
+def _fit_right_edge(fig, gs, artists, pad_px: float = 4.0, drawn: bool = False) -> bool:
     """Move the grid ``gs`` left until every artist in ``artists`` (e.g. a colour bar's label
-    and tick labels) lies inside the figure, so that none is clipped at the right edge."""
+    and tick labels) lies inside the figure, so that none is clipped at the right edge.
+
+    ``drawn``: the canvas already shows the figure as it is (its first draw is skipped).
+    Returns whether the canvas shows the final figure (no change after the last draw), so
+    that :func:`_save` can encode it without drawing it again."""
     artists = list(artists)
-    for _ in range(3):
-        fig.canvas.draw()
+    for i in range(3):
+        if not (drawn and i == 0):
+            fig.canvas.draw()
         width = fig.bbox.x1
         right = max(a.get_window_extent().x1 for a in artists if a.get_visible())
         if right <= width - pad_px:
-            return
+            return True
         gs.update(right=gs.right - (right - width + pad_px) / width)
+    return False
 
 
-def _save(fig, out_png, dpi=_DPI) -> Path:
-    # Render fully in memory first, so a drawing error never touches the destination.
+def _save(fig, out_png, dpi=_DPI, rendered: bool = False) -> Path:
+    """Write ``fig`` as PNG (rendered in memory first, so a drawing error never touches the
+    destination). ``rendered``: the Agg canvas already holds the final figure at ``dpi``; it
+    is encoded as it is, as ``savefig`` would after drawing it once more (the same bytes)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    if rendered and float(fig.dpi) == float(dpi):
+        import matplotlib.image as mimage
+
+        mimage.imsave(buf, fig.canvas.buffer_rgba(), format="png", origin="upper",
+                      dpi=fig.dpi, metadata={"Software": None})
+    else:
+        fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     data = buf.getvalue()
     return _atomic_write(out_png, lambda f: f.write(data))
 
@@ -368,16 +382,21 @@ def instance_figure(flair, mask, saliency, centroid_vox, spacing,
     cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax)
     cb.set_label(f"saliency ({units})", fontsize=9)
     cb.ax.tick_params(labelsize=8)
-    fig.canvas.draw()
-    box = cb.ax.yaxis.label.get_window_extent()
-    if box.y0 < 0 or box.y1 > fig.bbox.y1:  # taller than a one-row figure: two lines
-        cb.set_label(f"saliency\n({units})", fontsize=9)
-    _fit_right_edge(fig, gs, [cb.ax.yaxis.label, *cb.ax.get_yticklabels()])
     head = f"{method_label}: {title}" if title else str(method_label)
     if vmax == 0.0:
         head += " (saliency is zero here)"
+    # the title first (it moves nothing: no layout engine), so that the last draw of the
+    # fitting below is the final figure and is encoded without a further draw
     fig.suptitle(f"{head}   [{crop_mm:g} mm crop]", fontsize=10, y=0.995, va="top")
-    _save(fig, out_png, dpi=dpi)
+    fig.canvas.draw()
+    box = cb.ax.yaxis.label.get_window_extent()
+    drawn = True
+    if box.y0 < 0 or box.y1 > fig.bbox.y1:  # taller than a one-row figure: two lines
+        cb.set_label(f"saliency\n({units})", fontsize=9)
+        drawn = False
+    rendered = _fit_right_edge(fig, gs, [cb.ax.yaxis.label, *cb.ax.get_yticklabels()],
+                               drawn=drawn)
+    _save(fig, out_png, dpi=dpi, rendered=rendered)
     return {
         "vmax": vmax,
         "signed": signed,

@@ -113,6 +113,56 @@ def noise_sigma(x: torch.Tensor, noise_level: float, per_channel: bool = False) 
     return (noise_level * rng[0]).repeat(C)
 
 
+def prefetch(tensors: Iterator[torch.Tensor], device, depth: int = 2) -> Iterator[torch.Tensor]:
+    """Yield the tensors of ``tensors`` moved to ``device``, in order, the next ``depth`` ones
+    made in a background thread meanwhile (pinned and copied without blocking on CUDA).
+
+    For a GPU run: the noise is drawn on the CPU (one seeded generator, so the samples do not
+    depend on the device) while the GPU works on the previous sample. The values are those of
+    ``tensors``; an exception in the thread is raised here.
+    """
+    import queue
+    import threading
+
+    device = torch.device(device)
+    q: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for t in tensors:
+                if device.type == "cuda":
+                    t = t.pin_memory()
+                if not put(t):
+                    return
+            put(end)
+        except BaseException as e:  # handed to the consumer
+            put(e)
+
+    thread = threading.Thread(target=work, name="instance-saliency-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item.to(device, non_blocking=device.type == "cuda")
+    finally:
+        stop.set()
+
+
 def draw_noise(shape: tuple, sigma: torch.Tensor, n: int, seed: int,
                device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
     """Yield ``n`` noise tensors of ``shape`` = ``(C, *spatial)``, one per sample, in order.

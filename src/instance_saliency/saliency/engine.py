@@ -248,6 +248,89 @@ def cotangent(plan: WindowPlan, target, w: int, device) -> torch.Tensor:
     return cot
 
 
+def cotangent_crop(plan: WindowPlan, target, w: int, device) -> tuple[tuple, torch.Tensor]:
+    """The non-zero part of :func:`cotangent`: ``(slices in window coordinates, values)``.
+
+    The cotangent of a linear mask target is zero outside the mask, so only the box where the
+    target's bounding box meets window ``w`` is kept (a few kB for a lesion instead of a whole
+    window): cached once per call, it is written into a zeroed cotangent buffer for every
+    noise sample. The values are those of :func:`cotangent` on the box, bit for bit.
+    """
+    img_sl, win_sl = plan.window_image_part(w)
+    bb = target.bbox() if hasattr(target, "bbox") else img_sl
+    lo = [max(a.start, b.start) for a, b in zip(img_sl, bb)]
+    hi = [max(min(a.stop, b.stop), l_) for a, b, l_ in zip(img_sl, bb, lo)]
+    sub_img = tuple(slice(a, b) for a, b in zip(lo, hi))
+    sub_win = tuple(slice(a - i.start + s.start, b - i.start + s.start)
+                    for a, b, i, s in zip(lo, hi, img_sl, win_sl))
+    vals = torch.from_numpy(np.ascontiguousarray(target.linear_weights_at(sub_img))).to(device) \
+        * plan.blend(w, device)[sub_win]
+    return sub_win, vals
+
+
 def window_inputs(plan: WindowPlan, xp: torch.Tensor, ws: Sequence[int]) -> torch.Tensor:
     """Stack window crops of padded inputs ``xp`` (S, C, *padded): order window-major."""
     return torch.cat([xp[(slice(None), slice(None)) + plan.window_slices(w)] for w in ws])
+
+
+def packed_vjps(out: torch.Tensor, inp: torch.Tensor, rounds: list, cots: dict, targets,
+                rows: int = 1, grad_batch: int = 1, scale: float = 1.0):
+    """Run the packed backward passes of one window batch; yield ``(assign, g)`` per round.
+
+    Parameters
+    ----------
+    out : torch.Tensor, shape (B·rows, K, *window)
+        The batch's output (float32), in a graph reaching ``inp``.
+    inp : torch.Tensor
+        What to differentiate with respect to (the windows' input, or a layer's activations).
+    rounds : list of list of (j, w, t)
+        Per backward pass, the window row ``j`` (window ``w``) that carries target ``t``'s
+        cotangent; each row at most once per round.
+    cots : dict
+        ``(t, w) ->`` :func:`cotangent_crop`.
+    rows : int
+        Rows per window (noise samples of the chunk).
+    grad_batch : int
+        Rounds run as one call (``torch.autograd.grad(..., is_grads_batched=True)``).
+    scale : float
+        Factor of every cotangent (an ensemble member's weight).
+
+    Yields
+    ------
+    (assign, g)
+        A round and ``∂/∂inp`` of its targets (``g`` shaped like ``inp``; valid until the next
+        item is requested). The graph is freed after the last round.
+    """
+    buf = None
+    step = max(1, int(grad_batch))
+    for i0 in range(0, len(rounds), step):
+        group = rounds[i0:i0 + step]
+        keep = i0 + step < len(rounds)
+        if len(group) == 1:
+            if buf is None:  # one buffer per batch: only the crops are written and cleared
+                buf = torch.zeros_like(out)
+            written = []
+            for j, w, t in group[0]:
+                sl, vals = cots[(t, w)]
+                dst = (slice(j * rows, (j + 1) * rows), targets[t].class_index) + sl
+                buf[dst] = vals
+                written.append(dst)
+            cot = buf * scale if scale != 1.0 else buf
+            (g,) = torch.autograd.grad(out, inp, cot, retain_graph=keep)
+            for dst in written:
+                buf[dst] = 0
+            del cot
+            yield group[0], g
+        else:
+            cot = torch.zeros((len(group),) + tuple(out.shape), device=out.device,
+                              dtype=out.dtype)
+            for r, assign in enumerate(group):
+                for j, w, t in assign:
+                    sl, vals = cots[(t, w)]
+                    cot[(r, slice(j * rows, (j + 1) * rows), targets[t].class_index) + sl] = vals
+            if scale != 1.0:
+                cot = cot * scale
+            (g,) = torch.autograd.grad(out, inp, cot, retain_graph=keep, is_grads_batched=True)
+            del cot
+            for r, assign in enumerate(group):
+                yield assign, g[r]

@@ -17,8 +17,11 @@ import numpy as np
 import torch
 
 from ..models.base import as_module, members_of
-from .base import draw_noise, models_state_guard, noise_sigma
-from .engine import SparseMap, WindowPlan, _batches, cotangent, window_inputs
+from . import _speed
+from ._speed import batchnorm_folded, check_precision, precision_context
+from .base import draw_noise, models_state_guard, noise_sigma, prefetch
+from .engine import (SparseMap, WindowPlan, _batches, cotangent, cotangent_crop,
+                     packed_vjps, window_inputs)
 
 VARIANTS = ("mean", "squared", "vargrad")
 AGGREGATIONS = ("target", "maxabs")
@@ -57,8 +60,70 @@ def _as_input(x) -> torch.Tensor:
 
 def _grads_linear(model, plan: WindowPlan, xp: torch.Tensor, targets, active, regions,
                   sw_batch_size: int, pack: bool = True, into: dict | None = None,
-                  acc: dict | None = None, scale: float = 1.0) -> dict:
+                  acc: dict | None = None, scale: float = 1.0, cots: dict | None = None,
+                  grad_batch: int = 1, precision: str = "fp32") -> dict:
     """Per target ``t`` in ``active``: ``(S, C, *region_t)`` input gradients for one chunk.
+
+    With ``into`` (target -> ``(C, *region_t)`` tensor), the gradients are instead summed over
+    the chunk's samples straight into ``into[t]`` (no per-sample buffers; used when only the
+    mean map is wanted) and an empty dict is returned. With ``acc`` (target -> ``(S, C,
+    *region_t)``), per-sample gradients are added to it (ensemble members, one after another).
+    ``scale`` multiplies the target (an ensemble member's weight). Accumulators live on the
+    device of ``xp``; nothing leaves the device here.
+
+    One forward per window batch, shared by all targets. With ``pack`` (default), each
+    backward pass carries, for every window row of the batch, the cotangent of a different
+    target: the rows of a batch are independent (eval mode), so one vector-Jacobian product
+    yields the gradients of several targets at once, and a batch needs as many backward passes
+    as the largest number of targets touching one of its windows. ``grad_batch`` > 1 runs that
+    many of these backward passes as one (``torch.autograd.grad(..., is_grads_batched=True)``:
+    the same values, fewer and larger kernels; for GPUs). ``cots``: ``(t, w) ->``
+    :func:`~.engine.cotangent_crop` (built here when not given).
+    """
+    S, C = xp.shape[:2]
+    dev = xp.device
+    if into is not None:
+        acc = into
+    elif acc is None:
+        acc = {t: torch.zeros((S, C) + tuple(s.stop - s.start for s in regions[t]), device=dev)
+               for t in active}
+    needed = {w for t in active for w in plan.target_windows[t]}
+    users = {w: [t for t in active if w in plan.target_windows[t]] for w in needed}
+    if cots is None:
+        cots = {(t, w): cotangent_crop(plan, targets[t], w, dev) for w in needed
+                for t in users[w]}
+    order = (lambda w: (-len(users[w]), w)) if pack else None
+    for wb in _batches(plan, needed, sw_batch_size, order):
+        inp = window_inputs(plan, xp, wb).requires_grad_(True)
+        with torch.enable_grad():
+            with precision_context(precision, dev):
+                out = model(inp)
+            out = out.float()
+        if pack:
+            rounds = [[(j, w, users[w][r]) for j, w in enumerate(wb) if r < len(users[w])]
+                      for r in range(max(len(users[w]) for w in wb))]
+        else:
+            rounds = [[(j, w, t) for j, w in enumerate(wb) if t in users[w]]
+                      for t in sorted({t for w in wb for t in users[w]})]
+        for assign, g in packed_vjps(out, inp, rounds, cots, targets, S, grad_batch, scale):
+            for j, w, t in assign:
+                dst, win_sl = plan.region_part(w, regions[t])
+                rows = g[j * S:(j + 1) * S][(slice(None), slice(None)) + win_sl]
+                if into is None:
+                    acc[t][(slice(None), slice(None)) + dst] += rows
+                else:
+                    for s_ in rows:  # sample by sample, in order
+                        acc[t][(slice(None),) + dst] += s_
+        del out, inp
+    return {} if into is not None else acc
+
+
+def _grads_linear_legacy(model, plan: WindowPlan, xp: torch.Tensor, targets, active, regions,
+                  sw_batch_size: int, pack: bool = True, into: dict | None = None,
+                  acc: dict | None = None, scale: float = 1.0) -> dict:
+    """:func:`_grads_linear` as before issue 15 (``_speed.LEGACY``): cotangents rebuilt for
+    every round, gradients gathered on the CPU. Per target ``t`` in ``active``: ``(S, C,
+    *region_t)`` input gradients for one chunk.
 
     With ``into`` (target -> ``(C, *region_t)`` tensor), the gradients are instead summed over
     the chunk's samples straight into ``into[t]`` (no per-sample buffers; used when only the
@@ -112,7 +177,7 @@ def _grads_linear(model, plan: WindowPlan, xp: torch.Tensor, targets, active, re
 
 
 def _grads_maxabs(model, plan: WindowPlan, xp: torch.Tensor, target, t: int, region,
-                  sw_batch_size: int) -> torch.Tensor:
+                  sw_batch_size: int, precision: str = "fp32") -> torch.Tensor:
     """Max-abs aggregation for one target: ``(S, C, *region)``.
 
     For each lesion voxel ``v`` the input gradient of ``logit(v)`` is computed; at each input
@@ -123,8 +188,10 @@ def _grads_maxabs(model, plan: WindowPlan, xp: torch.Tensor, target, t: int, reg
     ws = plan.target_windows[t]
     inp = window_inputs(plan, xp, ws).requires_grad_(True)
     with torch.enable_grad():
-        out = model(inp)
-    best = torch.zeros((S, C) + tuple(s.stop - s.start for s in region))
+        with precision_context(precision, xp.device):
+            out = model(inp)
+        out = out.float()
+    best = torch.zeros((S, C) + tuple(s.stop - s.start for s in region), device=xp.device)
     voxels = np.argwhere(target.mask)
     k = target.class_index
     for n, v in enumerate(voxels):
@@ -140,13 +207,13 @@ def _grads_maxabs(model, plan: WindowPlan, xp: torch.Tensor, target, t: int, reg
         for j, w in enumerate(ws):
             dst, win_sl = plan.region_part(w, region)
             tot[(slice(None), slice(None)) + dst] += \
-                g[j * S:(j + 1) * S][(slice(None), slice(None)) + win_sl].detach().cpu()
+                g[j * S:(j + 1) * S][(slice(None), slice(None)) + win_sl].detach()
         best = torch.where(tot.abs() > best.abs(), tot, best)
     return best
 
 
 def _grads_generic(model, plan: WindowPlan, xp: torch.Tensor, target, t: int, region,
-                   sw_batch_size: int) -> torch.Tensor:
+                   sw_batch_size: int, precision: str = "fp32") -> torch.Tensor:
     """Any target on its mask (non-linear, e.g. probability space): assemble the blended logits
     over the mask's bounding box from the target's windows, score, differentiate."""
     S, C = xp.shape[:2]
@@ -154,8 +221,11 @@ def _grads_generic(model, plan: WindowPlan, xp: torch.Tensor, target, t: int, re
     bb = target.bbox()
     inp = window_inputs(plan, xp, ws).requires_grad_(True)
     with torch.enable_grad():
-        out = model(inp)
-        logits = torch.zeros((S, out.shape[1]) + tuple(s.stop - s.start for s in bb))
+        with precision_context(precision, xp.device):
+            out = model(inp)
+        out = out.float()
+        logits = torch.zeros((S, out.shape[1]) + tuple(s.stop - s.start for s in bb),
+                             device=out.device)
         for j, w in enumerate(ws):
             img_sl, win_sl = plan.window_image_part(w)
             lo = [max(a.start, b.start) for a, b in zip(img_sl, bb)]
@@ -171,7 +241,7 @@ def _grads_generic(model, plan: WindowPlan, xp: torch.Tensor, target, t: int, re
                 + out[j * S:(j + 1) * S][(slice(None), slice(None)) + src] * blend)
         score = target.crop(bb)(logits).sum()
     (g,) = torch.autograd.grad(score, inp)
-    acc = torch.zeros((S, C) + tuple(s.stop - s.start for s in region))
+    acc = torch.zeros((S, C) + tuple(s.stop - s.start for s in region), device=xp.device)
     for j, w in enumerate(ws):
         dst, win_sl = plan.region_part(w, region)
         acc[(slice(None), slice(None)) + dst] += \
@@ -185,7 +255,8 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
                noise: torch.Tensor | None = None, seed: int = 0, batch_size: int = 1,
                sw_batch_size: int = 4, variants: Sequence[str] = ("mean",),
                aggregation: str = "target", pack: bool = True,
-               device: str | torch.device = "cpu", progress: bool = False
+               device: str | torch.device = "cpu", progress: bool = False,
+               precision: str = "fp32", grad_batch: int | None = None
                ) -> list[InstanceSaliency]:
     """Instance SmoothGrad for many targets, sharing each noisy forward pass.
 
@@ -231,6 +302,24 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
         Share backward passes between targets on different windows of a batch (exact when the
         model treats batch items independently, as every network in eval mode does; set False
         for a model whose eval-mode output for one item depends on the others).
+    device : str or torch.device
+        Where the network passes and the accumulation run; the maps stay on it until they
+        are returned (as NumPy arrays).
+    precision : {"fp32", "bf16", "fp16"}
+        Numeric precision of the network passes: ``fp32`` (default; IEEE float32 on every
+        device, TF32 switched off on CUDA) or ``torch.autocast`` to bf16/fp16 (faster on GPUs;
+        measured error in docs/performance.md). Gradients are accumulated in float32 either
+        way.
+    grad_batch : int or None
+        Backward passes of one window batch run together (``is_grads_batched``): the same
+        values with fewer, larger kernels. ``None``: 1 on the CPU (no gain there), 4 on other
+        devices.
+
+    Notes
+    -----
+    Batch norms are folded into the convolutions before them for the passes
+    (:func:`~._speed.fold_batchnorm`; the maps change by float32 rounding only, about 1e-7
+    relative), and each target's cotangent is built once, not per sample.
 
     Returns
     -------
@@ -241,15 +330,20 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
     Raises
     ------
     ValueError
-        Bad shapes, unknown mode/variant/aggregation, empty target masks, ``maxabs`` with a
-        non-linear target.
+        Bad shapes, unknown mode/variant/aggregation/precision, a precision the device does not
+        support, empty target masks, ``maxabs`` with a non-linear target.
     """
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown SmoothGrad variant {v!r}; known: {VARIANTS}")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; known: {AGGREGATIONS}")
+    check_precision(precision, device)
+    legacy = _speed.LEGACY
     x = _as_input(x).to(device)
+    dev = x.device
+    if grad_batch is None:
+        grad_batch = 1 if dev.type == "cpu" else 4
     C, shape = x.shape[0], tuple(x.shape[1:])
     for tg in targets:
         tshape = tuple(getattr(tg, "shape", None) or tg.mask.shape)
@@ -267,22 +361,31 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
         if n_samples < 1:
             raise ValueError("n_samples must be >= 1")
         sigma = noise_sigma(x, noise_level, per_channel_noise)
-        noise_iter = draw_noise((C,) + shape, sigma, n_samples, seed, device)
-    members = members_of(model)
+        noise_iter = draw_noise((C,) + shape, sigma, n_samples, seed,
+                                "cpu" if dev.type != "cpu" and not legacy else device)
+        if dev.type != "cpu" and not legacy:  # drawn on the CPU (reproducible), overlapped
+            noise_iter = prefetch(noise_iter, dev)
     whole = as_module(model)
     # masks built one at a time (a target keeps only its crop)
     plan = WindowPlan.create((t.mask for t in targets), shape, mode, roi_size, overlap, grid)
     regions = [plan.target_region(t) for t in range(len(targets))]
-    sums = [torch.zeros((C,) + tuple(s.stop - s.start for s in r)) for r in regions]
+    acc_dev = torch.device("cpu") if legacy else dev  # accumulators stay on the device
+    sums = [torch.zeros((C,) + tuple(s.stop - s.start for s in r), device=acc_dev)
+            for r in regions]
     sqs = [torch.zeros_like(s) for s in sums] if set(variants) - {"mean"} else None
     linear = [t for t, tg in enumerate(targets) if tg.is_linear and aggregation == "target"]
     other = [t for t in range(len(targets)) if t not in linear]
+    # each target's cotangent on each of its windows, built once (a crop around the target)
+    cots = None if legacy else {(t, w): cotangent_crop(plan, targets[t], w, dev)
+                                for t in linear for w in plan.target_windows[t]}
     chunks = range(0, n_samples, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="SmoothGrad", unit="chunk", leave=False)
-    with models_state_guard(model):
+    # batch norms folded into the convolutions for the duration of the call
+    with models_state_guard(model), batchnorm_folded(model):
+        members = members_of(model)
         for c0 in chunks:
             n = min(batch_size, n_samples - c0)
             xs = torch.stack([x + next(noise_iter) for _ in range(n)])
@@ -291,15 +394,22 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
             grads: dict = {}
             if linear:
                 acc = None if direct is not None else {
-                    t: torch.zeros((n, C) + tuple(s.stop - s.start for s in regions[t]))
+                    t: torch.zeros((n, C) + tuple(s.stop - s.start for s in regions[t]),
+                                   device=acc_dev)
                     for t in linear}
                 for mem in members:  # the ensemble's gradient: weighted sum of the members'
-                    _grads_linear(mem.module, plan, xp, targets, linear, regions,
-                                  sw_batch_size, pack, direct, acc, mem.weight)
+                    if legacy:
+                        _grads_linear_legacy(mem.module, plan, xp, targets, linear, regions,
+                                             sw_batch_size, pack, direct, acc, mem.weight)
+                    else:
+                        _grads_linear(mem.module, plan, xp, targets, linear, regions,
+                                      sw_batch_size, pack, direct, acc, mem.weight, cots,
+                                      grad_batch, precision)
                 grads = acc if acc is not None else {}
             for t in other:
                 fn = _grads_maxabs if aggregation == "maxabs" else _grads_generic
-                grads[t] = fn(whole, plan, xp, targets[t], t, regions[t], sw_batch_size)
+                grads[t] = fn(whole, plan, xp, targets[t], t, regions[t], sw_batch_size,
+                              precision).to(acc_dev)
             for t, g in grads.items():
                 for gs in g:  # sample by sample, in order: chunking does not change sums
                     sums[t] += gs

@@ -1,0 +1,274 @@
+"""Speed helpers of the saliency engine: networks prepared for input gradients, numeric
+precision, and the private switch to the previous code path.
+
+``LEGACY = True`` runs the code path before issue 15 (no batch-norm folding, Grad-CAM++
+activations from a forward pass of its own, cotangents rebuilt for every sample, accumulators
+on the CPU). It is kept for ``benchmarks/bench_cpu_speed.py``, which runs both paths side by
+side, and for the tests that compare them; it is not part of the API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterable, Iterator
+
+import torch
+
+#: private switch: the code path before issue 15 (see the module notes)
+LEGACY = False
+
+#: numeric precisions of the network passes (``explain --precision``)
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+_CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
+          torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+
+
+# ------------------------------------------------------------------------------------------
+# batch-norm folding
+
+
+def _plain_sequential(m: torch.nn.Module) -> bool:
+    """A container whose forward is ``nn.Sequential``'s (children applied in order) and that
+    has no hooks of its own."""
+    return (isinstance(m, torch.nn.Sequential) and type(m).forward is torch.nn.Sequential.forward
+            and not _has_hooks(m))
+
+
+def _has_hooks(m: torch.nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
+
+
+def _leading_norm(m: torch.nn.Module):
+    """``(container, name)`` of the batch norm that ``m`` applies first to its input, when
+    ``m`` is (a chain of plain sequential containers starting with) a batch norm; else None."""
+    if isinstance(m, _NORMS):
+        return None  # the caller handles a norm that is itself the next sibling
+    if _plain_sequential(m) and len(m):
+        name, child = next(iter(m._modules.items()))
+        if child is None:
+            return None
+        if isinstance(child, _NORMS):
+            return m, name
+        return _leading_norm(child)
+    return None
+
+
+def _foldable(conv: torch.nn.Module, bn: torch.nn.Module) -> bool:
+    transposed = isinstance(conv, (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d,
+                                   torch.nn.ConvTranspose3d))
+    out_ch = conv.weight.shape[1] * conv.groups if transposed else conv.weight.shape[0]
+    return (not bn.training and bn.track_running_stats and bn.running_mean is not None
+            and bn.running_var is not None and bn.num_features == out_ch
+            and (not transposed or conv.groups == 1) and not _has_hooks(conv)
+            and not _has_hooks(bn) and conv.weight.dtype == bn.running_var.dtype)
+
+
+def _fold_pairs(net: torch.nn.Module, keep: Iterable[str] = ()) -> list:
+    """``(sequential, conv name, norm container, norm name)`` of every convolution that is
+    directly followed by an eval-mode batch norm in a plain sequential container, except
+    convolutions named in ``keep`` (their own outputs must stay as they are)."""
+    keep = set(keep)
+    names = {id(m): n for n, m in net.named_modules()}
+    pairs = []
+    for seq in net.modules():
+        if not _plain_sequential(seq):
+            continue
+        items = [(n, c) for n, c in seq._modules.items() if c is not None]
+        for (na, a), (nb, b) in zip(items, items[1:]):
+            if not isinstance(a, _CONVS) or names.get(id(a)) in keep:
+                continue
+            loc = (seq, nb) if isinstance(b, _NORMS) else _leading_norm(b)
+            if loc is not None and _foldable(a, getattr(loc[0], loc[1])):
+                pairs.append((seq, na, loc[0], loc[1]))
+    return pairs
+
+
+def _folded_params(conv: torch.nn.Module, bn: torch.nn.Module):
+    """Weight and bias of ``conv`` followed by ``bn`` (eval mode) as one convolution:
+    ``W · s`` and ``b · s + β − μ s`` with ``s = γ / √(σ² + ε)`` per output channel, computed
+    in float64 and stored in the weights' dtype."""
+    with torch.no_grad():
+        inv = torch.rsqrt(bn.running_var.double() + bn.eps)
+        scale = inv * bn.weight.double() if bn.weight is not None else inv
+        shift = (bn.bias.double() if bn.bias is not None else 0.0) \
+            - bn.running_mean.double() * scale
+        transposed = isinstance(conv, (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d,
+                                       torch.nn.ConvTranspose3d))
+        w = conv.weight.double()
+        shape = [1] * w.ndim
+        shape[1 if transposed else 0] = -1
+        weight = (w * scale.reshape(shape)).to(conv.weight.dtype)
+        b = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+        bias = (b * scale + shift).to(conv.weight.dtype)
+    return (torch.nn.Parameter(weight, requires_grad=False),
+            torch.nn.Parameter(bias, requires_grad=False))
+
+
+def _apply_folds(net: torch.nn.Module, keep: Iterable[str] = ()) -> list:
+    """Fold in place; return what :func:`_undo_folds` needs to put the originals back (the
+    original parameter and module objects themselves, untouched)."""
+    undo, seen = [], set()
+    for seq, conv_name, bn_parent, bn_name in _fold_pairs(net, keep):
+        conv, bn = getattr(seq, conv_name), getattr(bn_parent, bn_name)
+        if id(conv) in seen or id(bn) in seen:  # a module used twice: leave it
+            continue
+        seen.update((id(conv), id(bn)))
+        weight, bias = _folded_params(conv, bn)
+        undo.append((conv, conv._parameters["weight"], conv._parameters.get("bias"), bn_parent,
+                     bn_name, bn))
+        conv._parameters["weight"] = weight
+        conv._parameters["bias"] = bias
+        bn_parent._modules[bn_name] = torch.nn.Identity()
+    return undo
+
+
+def _undo_folds(undo: list) -> None:
+    for conv, weight, bias, bn_parent, bn_name, bn in reversed(undo):
+        conv._parameters["weight"] = weight
+        conv._parameters["bias"] = bias
+        bn_parent._modules[bn_name] = bn
+
+
+def fold_batchnorm(net: torch.nn.Module, keep: Iterable[str] = ()) -> torch.nn.Module:
+    """A copy of ``net`` with every eval-mode batch norm folded into the convolution before it.
+
+    In eval mode a batch norm is a fixed per-channel affine map, ``y = (x − μ) γ / √(σ² + ε) +
+    β``; after a convolution (or transposed convolution) it is folded into that convolution's
+    weights and bias (computed in float64, stored in the weights' dtype) and replaced by
+    ``nn.Identity``, so neither its forward nor its backward pass runs. The result equals the
+    original up to float32 rounding (measured on the shipped model: 4e-7 relative on the
+    logits, 2e-7 on input gradients). Module names are kept, so a layer looked up by name
+    (Grad-CAM++) is still found; its output is unchanged unless the layer *is* a folded
+    convolution, which ``keep`` excludes. The saliency methods fold for the duration of a call
+    only (:func:`batchnorm_folded`).
+
+    Only pairs whose order of execution is certain are folded: a convolution and the next
+    child of an ``nn.Sequential`` (or of a subclass that keeps its ``forward``, as MONAI's
+    ``Convolution`` and ``ADN``) that starts with the batch norm, without hooks on either.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        In eval mode (batch norms in training mode are left alone).
+    keep : iterable of str
+        Module names (``net.named_modules()``) whose outputs must not change.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``net`` itself when nothing can be folded, else a folded deep copy (folded parameters
+        without gradients). ``net`` is not modified.
+    """
+    keep = tuple(keep)
+    if not _fold_pairs(net, keep):
+        return net
+    new = copy.deepcopy(net)
+    _apply_folds(new, keep)
+    return new
+
+
+@contextlib.contextmanager
+def batchnorm_folded(model, keep: Iterable[str] = ()) -> Iterator[None]:
+    """Inside the block, the eval-mode batch norms of every distinct network of ``model`` (a
+    torch module or a :class:`~instance_saliency.models.SegmentationModel`) are folded into
+    the convolutions before them (see :func:`fold_batchnorm`), in place: the folded weights are
+    new parameters put in the original parameters' slots and each batch norm's slot holds an
+    ``nn.Identity``. On exit, also after an exception, the original parameter and module
+    objects are put back (their values were never changed). Does nothing under ``LEGACY``.
+
+    Use inside :func:`~.base.models_state_guard` (which sets eval mode first)."""
+    from ..models.base import distinct_networks, members_of
+
+    undo: list = []
+    try:
+        if not LEGACY:
+            keep = tuple(keep)
+            for net in distinct_networks(members_of(model)):
+                undo += _apply_folds(net, keep)
+        yield
+    finally:
+        _undo_folds(undo)
+
+
+# ------------------------------------------------------------------------------------------
+# precision
+
+
+def check_precision(precision: str, device) -> None:
+    """Refuse a precision this device cannot run, with a one-line ``ValueError``.
+
+    Raises
+    ------
+    ValueError
+        Unknown precision, or bf16/fp16 not supported on ``device`` (a CUDA GPU without bf16;
+        a CPU without the instructions oneDNN needs for them).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"precision bf16 is not supported by this GPU "
+                             f"({torch.cuda.get_device_name(dev)}); use fp16 or fp32")
+        return
+    if dev.type == "cpu":
+        probe = {"bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported,
+                 "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported}[precision]
+        try:
+            ok = bool(probe())
+        except (AttributeError, RuntimeError):
+            ok = False
+        if not ok:
+            raise ValueError(f"precision {precision} is not supported on this CPU (oneDNN "
+                             f"needs AVX-512 or AMX for it); use fp32")
+        return
+    raise ValueError(f"precision {precision} is only available on cpu and cuda devices, "
+                     f"not {dev.type}")
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device) -> Iterator[None]:
+    """Network passes at ``precision`` inside the block.
+
+    bf16/fp16: ``torch.autocast``. fp32 on CUDA: TF32 is switched off for convolutions and
+    matrix products (cuDNN uses TF32 for float32 convolutions by default, about 1e-3 relative
+    error), so fp32 means IEEE float32 on every device. On CUDA, cuDNN's autotuner
+    (``torch.backends.cudnn.benchmark``) is on inside the block (the window shapes repeat).
+    The settings are restored on exit.
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        if precision in _DTYPES:
+            with torch.autocast(device_type=dev.type, dtype=_DTYPES[precision]):
+                yield
+        else:
+            yield
+        return
+    saved = [(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)]
+    try:
+        torch.backends.cudnn.benchmark = True
+        if precision not in _DTYPES:
+            new_api = False
+            for owner in (torch.backends.cudnn.conv, torch.backends.cuda.matmul):
+                if hasattr(owner, "fp32_precision"):
+                    new_api = True
+                    saved.append((owner, "fp32_precision", owner.fp32_precision))
+                    owner.fp32_precision = "ieee"
+            if not new_api:  # older torch
+                for owner in (torch.backends.cudnn, torch.backends.cuda.matmul):
+                    saved.append((owner, "allow_tf32", owner.allow_tf32))
+                    owner.allow_tf32 = False
+            yield
+        else:
+            with torch.autocast(device_type=dev.type, dtype=_DTYPES[precision]):
+                yield
+    finally:
+        for owner, attr, value in reversed(saved):
+            setattr(owner, attr, value)
