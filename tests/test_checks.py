@@ -359,3 +359,25 @@ def test_check_refuses_bad_runs_and_context_lists(tmp_path):
     with pytest.raises(InputError, match="increasing distances"):
         CheckConfig(context_mm=(6.0, 4.0)).validate()
     assert cli.main(["check", str(tmp_path), "--context-mm", "6:0:2"]) == 2
+
+
+def test_check_cohort_refuses_other_settings_before_any_work(tmp_path):
+    """A cohort whose subjects were checked with other settings is refused (one line) rather
+    than silently pooled as a mixture; the same settings skip the subject."""
+    import json
+    from dataclasses import asdict
+
+    from instance_saliency.checks import check_cohort
+
+    d = tmp_path / "subjects" / "s1"
+    d.mkdir(parents=True)
+    (d / "run.json").write_text("{}")
+    (d / "checks.csv").write_text("label\n")
+    had = CheckConfig(steps=2, max_lesions=1)
+    (d / "checks.json").write_text(json.dumps({"config": asdict(had)}, default=list))
+    with pytest.raises(InputError, match=r"subject s1 .* checked with other settings "
+                                         r"\(max_lesions, steps\)"):
+        check_cohort(tmp_path, CheckConfig(steps=4, max_lesions=2))
+    lines = []
+    assert check_cohort(tmp_path, had, log=lines.append) == []
+    assert lines == ["checks: 1 subject(s) already checked with these settings, kept: s1"]

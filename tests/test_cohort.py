@@ -369,5 +369,11 @@ def test_training_scans_explained_by_the_members_that_never_saw_them(dataset, tm
         cohort.run_cohort(dataset, out2, ExplainConfig(**CFG), model_dir=root, progress=False,
                           n_boot=20, log=lines.append, include_training_scans=True)
         assert used("sub-01", out2) == ["fold_a", "fold_b"]
+        # resuming with the rule flipped would mix held-out and whole-model subjects: refused
+        with pytest.raises(InputError, match="subject sub-01 .* other parameters .*"
+                                             "include-training-scans"):
+            cohort.run_cohort(dataset, out, ExplainConfig(**CFG), model_dir=root,
+                              progress=False, n_boot=20, log=lines.append,
+                              include_training_scans=True)
     finally:
         models.ARCHITECTURES.pop("test_cohort_blob", None)

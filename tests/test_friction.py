@@ -489,9 +489,9 @@ def test_colour_bar_label_is_not_clipped(tmp_path, monkeypatch, n_ch):
     kept = {}
     real_save = figures._save
 
-    def capture(fig, out_png, dpi=figures._DPI):
+    def capture(fig, out_png, dpi=figures._DPI, **kwargs):
         kept["fig"] = fig
-        return real_save(fig, out_png, dpi)
+        return real_save(fig, out_png, dpi, **kwargs)
 
     monkeypatch.setattr(figures, "_save", capture)
     rng = np.random.default_rng(0)

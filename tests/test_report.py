@@ -41,9 +41,9 @@ def captured(monkeypatch):
     figs = []
     real = figmod._save
 
-    def spy(fig, out_png, dpi=figmod._DPI):
+    def spy(fig, out_png, dpi=figmod._DPI, **kwargs):
         figs.append(fig)
-        return real(fig, out_png, dpi=dpi)
+        return real(fig, out_png, dpi=dpi, **kwargs)
 
     monkeypatch.setattr(figmod, "_save", spy)
     return figs
@@ -178,7 +178,14 @@ def test_instance_figure_png_valid_small_and_atomic(tmp_path, monkeypatch):
         fname.write(b"partial")
         raise RuntimeError("disk full")
 
+    import matplotlib.image as mimage
+
+    def broken_imsave(fname, *a, **kw):  # the already-rendered canvas is encoded directly
+        fname.write(b"partial")
+        raise RuntimeError("disk full")
+
     monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    monkeypatch.setattr(mimage, "imsave", broken_imsave)
     with pytest.raises(RuntimeError):
         instance_figure(flair, mask, sal, (20, 22, 15), (1, 1, 1), out_png=out)
     assert out.read_bytes() == data

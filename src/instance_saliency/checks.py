@@ -925,14 +925,31 @@ def check_cohort(cohort_dir: str | Path, cfg: CheckConfig | None = None, *,
     subjects = sorted(p.parent.name for p in root.glob("*/run.json")) if root.is_dir() else []
     if not subjects:
         raise InputError(f"{cohort_dir} holds no finished subject (subjects/<name>/run.json)")
-    done = []
+    cfg = cfg or CheckConfig()
+    wanted = json.loads(json.dumps(asdict(cfg), default=list))
+    done, skipped = [], []
+    for s in subjects:  # refuse mixing settings before any work, as cohort does
+        d = root / s
+        if (d / "checks.csv").is_file() and not overwrite:
+            try:
+                had = json.loads((d / "checks.json").read_text()).get("config")
+            except (OSError, json.JSONDecodeError, AttributeError):
+                had = None
+            diff = sorted(k for k in wanted if had is None or had.get(k) != wanted[k])
+            if diff:
+                raise InputError(f"subject {s} in {cohort_dir} was checked with other settings "
+                                 f"({', '.join(diff)}); use the same options or --overwrite")
     for s in subjects:
         d = root / s
         if (d / "checks.csv").is_file() and not overwrite:
+            skipped.append(s)
             continue
         log(f"checks: subject {s}")
         run_checks(d, cfg, overwrite=overwrite, log=log, figures=figures)
         done.append(s)
+    if skipped:
+        log(f"checks: {len(skipped)} subject(s) already checked with these settings, kept: "
+            f"{', '.join(skipped)}")
     return done
 
 
@@ -1035,7 +1052,10 @@ def checks_markdown(pooled: dict | None) -> str:
         return "NaN" if x is None or not np.isfinite(x) else f"{x:.3g}"
 
     def ci(d):
-        return f"{f(d['median'])} [{f(d['ci_low'])}, {f(d['ci_high'])}] (n = {d['n_lesions']})"
+        lo, hi = d.get("ci_low"), d.get("ci_high")
+        if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+            return f"{f(d['median'])} [CI not estimable] (n = {d['n_lesions']})"
+        return f"{f(d['median'])} [{f(lo)}, {f(hi)}] (n = {d['n_lesions']})"
 
     lines = ["## Can the maps be trusted? Per-lesion checks", "",
              f"{pooled['n_subjects']} subject(s) with `instance-saliency check` results; "

@@ -432,6 +432,17 @@ def _parameter_mismatch(run_file: Path, cfg: ExplainConfig, model_folder: str) -
 # the cohort run
 
 
+def _expected_exclusion(model, subject: str, include_training_scans: bool) -> list:
+    """The ``excluded_subjects`` a subject's ``run.json`` records under the held-out rule of
+    :func:`_held_out_models`: ``[subject]`` when some, but not all, members trained on it."""
+    used = model.info.get("members_trained_on", []) if hasattr(model, "info") else []
+    saw = [subject in {str(t) for t in u.get("trained_on", [])} for u in used]
+    if include_training_scans or getattr(model, "kind", "") != "checkpoint" or not any(saw) \
+            or all(saw):
+        return []
+    return [subject]
+
+
 def _held_out_models(model, model_dir, config: ExplainConfig, include_training_scans: bool,
                      log):
     """``subject -> model``: the members of a checkpoint ensemble that did not train on the
@@ -676,6 +687,16 @@ def _explain_share(data, out, config: ExplainConfig, model_dir, shard, overwrite
             rf = sub / c.subject / RUN_FILE
             if rf.is_file():
                 why = _parameter_mismatch(rf, config, stored_model)
+                if not why:
+                    try:
+                        had = json.loads(rf.read_text()).get("model", {}).get(
+                            "excluded_subjects") or []
+                    except (OSError, json.JSONDecodeError, AttributeError):
+                        had = []
+                    if sorted(had) != _expected_exclusion(model, c.subject,
+                                                          include_training_scans):
+                        why = ("ensemble members left out: "
+                               f"{', '.join(had) or 'none'} (--include-training-scans)")
                 if why:
                     raise InputError(f"subject {c.subject} in {sub} was explained with other "
                                      f"parameters ({why}); use the same options or --overwrite")
