@@ -669,3 +669,26 @@ def test_check_end_to_end_with_max_lesions(synth, tmp_path):
     assert (run / "checks.html").is_file()
     assert cli.main(argv) == 2
     assert cli.main([*argv[:-1], "--max-lesions", "0"]) == 2
+
+
+def test_public_training_scan_is_recognised_by_its_checksum():
+    """explain / predict on a public scan that some members trained on warn (SHA256 match),
+    whatever the file is called; a member that never saw it, or another file, stays silent."""
+    from _helpers import DATA
+
+    from instance_saliency import datasets
+    from instance_saliency.input_checks import training_scan_warning
+
+    if DATA is None:
+        pytest.skip("public scans not available")
+
+    class Model:
+        def __init__(self, seen):
+            self.info = {"members_trained_on": [{"member": "fold_a", "trained_on": seen}]}
+
+    flair = datasets.fetch_subject("patient07", DATA)["flair"]
+    w = training_scan_warning(Model(["patient07", "P18"]), [flair])
+    assert w.startswith(f"{flair} is the public scan patient07, a training scan of model "
+                        "member(s) fold_a: its TP/FP/FN are not held-out figures")
+    assert training_scan_warning(Model(["P18"]), [flair]) is None
+    assert training_scan_warning(Model(["patient07"]), [Path(__file__)]) is None

@@ -328,6 +328,11 @@ def cmd_predict(a) -> int:
     check = channel_order_check(s.image, model.channels)
     if swap_warning(check):
         print(f"instance-saliency: warning: {swap_warning(check)}", file=sys.stderr)
+    from .input_checks import training_scan_warning
+
+    seen = training_scan_warning(model, ordered)
+    if seen:
+        print(f"instance-saliency: warning: {seen}", file=sys.stderr)
     print(f"predict: model {model.source}: {_networks_text(model)}")
     try:
         try:

@@ -490,11 +490,14 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
     stage = prepare_output(out, overwrite, inputs)
     for w in model.warnings if loaded_here else ():
         log(f"warning: {w}")
-    from .input_checks import channel_order_check, swap_warning
+    from .input_checks import channel_order_check, swap_warning, training_scan_warning
 
     order_check = channel_order_check(subj.image, model.channels)
     if swap_warning(order_check):
         log(f"warning: {swap_warning(order_check)}")
+    seen = training_scan_warning(model, ordered)
+    if seen:
+        log(f"warning: {seen}")
     log(run_plan(cfg, model, cam_layer))
     try:
         t0 = time.time()

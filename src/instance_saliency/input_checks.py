@@ -104,3 +104,43 @@ def swap_warning(check: dict | None) -> str | None:
             f"intensity histogram peaks at {check['flair']['mode_position']:.2f} of its range, "
             f"the {names[1]} image's at {check['t1']['mode_position']:.2f} (white matter is the "
             f"brightest tissue in T1, not in FLAIR); check --flair/--mprage (or --image names)")
+
+
+def training_scan_warning(model, paths) -> str | None:
+    """A one-line warning when an input file is one of the public scans (identified by its
+    SHA256, :data:`instance_saliency.datasets.FILES`) that some members of ``model`` trained on
+    (their ``trained_on``): its TP/FP/FN would then not be held-out figures. None otherwise.
+
+    Parameters
+    ----------
+    model : SegmentationModel
+        Its ``info["members_trained_on"]`` lists ``{"member", "trained_on"}`` per member.
+    paths : iterable of path
+        The input image files (only files of a plausible size are hashed).
+    """
+    import os
+
+    from . import datasets
+
+    used = getattr(model, "info", {}).get("members_trained_on") or []
+    if not used:
+        return None
+    by_hash = {h: rel for rel, h in datasets.FILES.items()}
+    for path in paths:
+        try:
+            if path is None or os.path.getsize(path) > 200e6:
+                continue
+            rel = by_hash.get(datasets.sha256sum(path))
+        except OSError:
+            continue
+        if rel is None:
+            continue
+        subject = next((n for n, f in datasets.SUBJECTS.items()
+                        if rel in (f.flair, f.mprage, f.mask)), None)
+        saw = [u["member"] for u in used if subject in (u.get("trained_on") or [])]
+        if subject and saw:
+            return (f"{path} is the public scan {subject}, a training scan of model member(s) "
+                    f"{', '.join(saw)}: its TP/FP/FN are not held-out figures (cohort and the "
+                    "demo leave such members out; or pass --model with a fold folder that "
+                    "never saw it)")
+    return None
