@@ -337,9 +337,13 @@ def train_data(tmp_path_factory):
 def ddp_runs(train_data, tmp_path_factory):
     """RUNS trained by ``torchrun --nproc-per-node 2`` (global batch 2 = 1 patch per rank)."""
     out = tmp_path_factory.mktemp("ddp")
-    r = launch([str(TESTS / "torchrun_site" / "train_ranks.py"), str(train_data / "train.csv"),
-                str(train_data / "val.csv"), str(out), json.dumps(RUNS)])
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    # one launch (one process group) per training: in one launch for all three, the two ranks
+    # hung at the start of the second training in some runs (issue 15 note; under study)
+    for name, kw in RUNS.items():
+        r = launch([str(TESTS / "torchrun_site" / "train_ranks.py"),
+                    str(train_data / "train.csv"), str(train_data / "val.csv"), str(out),
+                    json.dumps({name: kw})], timeout=300)
+        assert r.returncode == 0, (name, (r.stdout + r.stderr)[-3000:])
     return out
 
 
