@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from ..models.base import members_of
 from . import _speed
-from ._speed import batchnorm_folded, check_precision, precision_context
+from ._speed import check_precision, fast_networks, precision_context
 from .base import capture_activations, models_state_guard, resolve_layer
 from .engine import (SparseMap, WindowPlan, _batches, cotangent, cotangent_crop, packed_vjps,
                      window_inputs)
@@ -156,8 +156,8 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
     without gradients, unless ``layer_sums`` gives them), then activations and gradients at
     the layer, whose per-window share of the weights is added at once, so no gradient tensor
     is kept: memory stays at the activations of the needed windows whatever the number of
-    targets. Batch norms are folded into the convolutions before them for the passes (as in
-    :func:`~.smoothgrad.smoothgrad`; never the layer itself).
+    targets. Batch norms are folded and PReLUs frozen for the passes (as in
+    :func:`~.smoothgrad.smoothgrad`; nothing is folded into the layer itself).
 
     Raises
     ------
@@ -202,8 +202,8 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
     cots = None if legacy else {(t, w): cotangent_crop(plan, targets[t], w, dev)
                                 for t in range(nt) for w in plan.target_windows[t]}
     imp_cache: dict = {}
-    # batch norms folded for the duration of the call, except into the layer itself
-    with models_state_guard(model), batchnorm_folded(model, keep=(layer,)):
+    # batch norms folded (except into the layer itself), PReLUs frozen, during the call
+    with models_state_guard(model), fast_networks(model, keep=(layer,)):
         for i, mem in enumerate(members):
             if legacy:
                 acts, w_m, hires = _cam_member_legacy(mem, layer, plan, xp, targets,

@@ -18,7 +18,7 @@ import torch
 
 from ..models.base import as_module, members_of
 from . import _speed
-from ._speed import batchnorm_folded, check_precision, precision_context
+from ._speed import check_precision, fast_networks, precision_context
 from .base import draw_noise, models_state_guard, noise_sigma, prefetch
 from .engine import (SparseMap, WindowPlan, _batches, cotangent, cotangent_crop,
                      packed_vjps, window_inputs)
@@ -317,9 +317,11 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
 
     Notes
     -----
-    Batch norms are folded into the convolutions before them for the passes
-    (:func:`~._speed.fold_batchnorm`; the maps change by float32 rounding only, about 1e-7
-    relative), and each target's cotangent is built once, not per sample.
+    For the passes, batch norms are folded into the convolutions before them and one-parameter
+    PReLUs are frozen (:func:`~._speed.fast_networks`, undone on return): float32 rounding
+    changes, about 1e-7 relative, except where it moves a pre-activation across a PReLU kink,
+    which changes the gradient locally (as any change of summation order does: see
+    docs/performance.md). Each target's cotangent is built once, not per sample.
 
     Returns
     -------
@@ -383,8 +385,8 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="SmoothGrad", unit="chunk", leave=False)
-    # batch norms folded into the convolutions for the duration of the call
-    with models_state_guard(model), batchnorm_folded(model):
+    # batch norms folded into the convolutions, PReLUs frozen, for the duration of the call
+    with models_state_guard(model), fast_networks(model):
         members = members_of(model)
         for c0 in chunks:
             n = min(batch_size, n_samples - c0)
