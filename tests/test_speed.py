@@ -395,3 +395,28 @@ def test_gpu_check_dry_run():
     assert float(res["fp32_total_s"]) > 0
     assert res["fp32_peak_gb"] == "nan"  # no GPU in a dry run
     assert float(res["fp32_max_rel_diff"]) < 1e-5
+
+
+def test_window_plan_from_crops_equals_from_masks():
+    """Planning from MaskTargets' crops finds the same windows as from full masks (sliding),
+    and patch mode still works from targets."""
+    from instance_saliency.inference import WindowGrid
+    from instance_saliency.saliency.engine import WindowPlan
+
+    rng = np.random.default_rng(0)
+    shape = (70, 60, 50)
+    grid = WindowGrid.create(shape, (32, 32, 32), 0.25)
+    targets = []
+    for _ in range(12):
+        c = rng.integers(0, shape)
+        m = np.zeros(shape, bool)
+        m[tuple(slice(max(0, a - int(r)), a + int(r)) for a, r in zip(c, rng.integers(1, 6, 3)))] = True
+        m &= rng.random(shape) < 0.7
+        if m.any():
+            targets.append(MaskTarget(m))
+    a = WindowPlan.create((t.mask for t in targets), shape, grid=grid)
+    b = WindowPlan.create(targets, shape, grid=grid)
+    assert a.target_windows == b.target_windows
+    p1 = WindowPlan.create((t.mask for t in targets), shape, "patch", (32, 32, 32))
+    p2 = WindowPlan.create(targets, shape, "patch", (32, 32, 32))
+    assert p1.windows == p2.windows and p1.target_windows == p2.target_windows

@@ -242,6 +242,55 @@ def fast_networks(model, keep: Iterable[str] = ()) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------
+# memory format
+
+
+def _channels_last_types() -> tuple:
+    """Module classes whose forward is known to use only layout-agnostic torch operations
+    (built-in layers, MONAI's UNet blocks, the package's wrappers). Exact classes: a subclass
+    may override ``forward``."""
+    types = [torch.nn.Sequential, torch.nn.ModuleList, torch.nn.Identity, *_CONVS, *_NORMS,
+             torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
+             torch.nn.GroupNorm, torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.PReLU,
+             torch.nn.ELU, torch.nn.GELU, torch.nn.SiLU, torch.nn.Sigmoid, torch.nn.Tanh,
+             torch.nn.Dropout, torch.nn.Dropout3d, torch.nn.MaxPool3d, torch.nn.AvgPool3d,
+             FrozenPReLU]
+    try:
+        from monai.networks.blocks import ADN, Convolution
+        from monai.networks.layers.simplelayers import SkipConnection
+        from monai.networks.nets import UNet
+
+        types += [ADN, Convolution, SkipConnection, UNet]
+    except ImportError:  # pragma: no cover - monai is a dependency
+        pass
+    from ..models.base import Mirrored
+
+    types.append(Mirrored)
+    return tuple(types)
+
+
+def input_format(module: torch.nn.Module, device, ndim: int = 5):
+    """Memory format for the saliency passes' inputs: ``torch.channels_last_3d`` on the CPU
+    for a 3D network built only from layers known to handle any layout (:func:`_channels_last_types`:
+    torch's layers and MONAI's UNet blocks), else ``None`` (contiguous, as given).
+
+    oneDNN's 3D convolutions run faster on channels-last data, forward and backward alike
+    (measured on the shipped model, one 96³ window pair: forward 238 → 157 ms, three
+    backward passes 568 → 448 ms on one thread), and the format propagates through the
+    network from its input. The values change by float32 summation order only (2e-7 relative
+    on input gradients). Other modules are left alone: a ``view`` or an extension reading raw
+    memory could fail or misread non-contiguous data. Not used on GPUs (untested there) nor
+    under ``LEGACY``.
+    """
+    if LEGACY or ndim != 5 or torch.device(device).type != "cpu":
+        return None
+    allowed = _channels_last_types()
+    if all(type(m) in allowed for m in module.modules()):
+        return torch.channels_last_3d
+    return None
+
+
+# ------------------------------------------------------------------------------------------
 # precision
 
 

@@ -18,10 +18,10 @@ import torch
 
 from ..models.base import as_module, members_of
 from . import _speed
-from ._speed import check_precision, fast_networks, precision_context
+from ._speed import check_precision, fast_networks, input_format, precision_context
 from .base import draw_noise, models_state_guard, noise_sigma, prefetch
-from .engine import (SparseMap, WindowPlan, _batches, cotangent, cotangent_crop,
-                     packed_vjps, window_inputs)
+from .engine import (SparseMap, WindowPlan, _batches, _is_cropped, cotangent,
+                     cotangent_crop, packed_vjps, window_inputs)
 
 VARIANTS = ("mean", "squared", "vargrad")
 AGGREGATIONS = ("target", "maxabs")
@@ -93,8 +93,12 @@ def _grads_linear(model, plan: WindowPlan, xp: torch.Tensor, targets, active, re
         cots = {(t, w): cotangent_crop(plan, targets[t], w, dev) for w in needed
                 for t in users[w]}
     order = (lambda w: (-len(users[w]), w)) if pack else None
+    fmt = input_format(model, dev, xp.ndim)
     for wb in _batches(plan, needed, sw_batch_size, order):
-        inp = window_inputs(plan, xp, wb).requires_grad_(True)
+        inp = window_inputs(plan, xp, wb)
+        if fmt is not None:
+            inp = inp.contiguous(memory_format=fmt)
+        inp.requires_grad_(True)
         with torch.enable_grad():
             with precision_context(precision, dev):
                 out = model(inp)
@@ -368,8 +372,10 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
         if dev.type != "cpu" and not legacy:  # drawn on the CPU (reproducible), overlapped
             noise_iter = prefetch(noise_iter, dev)
     whole = as_module(model)
-    # masks built one at a time (a target keeps only its crop)
-    plan = WindowPlan.create((t.mask for t in targets), shape, mode, roi_size, overlap, grid)
+    # targets' masks used as their bounding-box crops (never a full-grid mask per target)
+    plan = WindowPlan.create((t.mask for t in targets) if legacy else
+                             (t if _is_cropped(t) else t.mask for t in targets),
+                             shape, mode, roi_size, overlap, grid)
     regions = [plan.target_region(t) for t in range(len(targets))]
     acc_dev = torch.device("cpu") if legacy else dev  # accumulators stay on the device
     sums = [torch.zeros((C,) + tuple(s.stop - s.start for s in r), device=acc_dev)
