@@ -86,26 +86,43 @@ def test_fold_batchnorm_convolutions_and_transposed():
     assert fold_batchnorm(hooked) is hooked
 
 
-def test_batchnorm_folded_in_place_is_undone_after_an_error():
+def test_fast_networks_in_place_is_undone_after_an_error():
     """The saliency calls fold in place for their duration: inside, the batch norm's slot
-    holds an Identity; afterwards (also after an exception) the very same parameter and module
-    objects are back, with the same values."""
-    from instance_saliency.saliency._speed import batchnorm_folded
+    holds an Identity and the PReLU's a FrozenPReLU; afterwards (also after an exception) the
+    very same parameter and module objects are back, with the same values."""
+    from instance_saliency.saliency._speed import FrozenPReLU, fast_networks
 
-    net = _bn_stats(nn.Sequential(nn.Conv3d(2, 3, 3), nn.BatchNorm3d(3), nn.ReLU()))
-    w, b, bn = net[0].weight, net[0].bias, net[1]
+    net = _bn_stats(nn.Sequential(nn.Conv3d(2, 3, 3), nn.BatchNorm3d(3), nn.PReLU()))
+    with torch.no_grad():
+        net[2].weight.fill_(0.3)
+    w, b, bn, act = net[0].weight, net[0].bias, net[1], net[2]
     state = {k: v.clone() for k, v in net.state_dict().items()}
     x = torch.randn(1, 2, 5, 5, 5)
     with torch.no_grad():
         ref = net(x)
     with pytest.raises(RuntimeError, match="inside"):
-        with batchnorm_folded(net):
+        with fast_networks(net):
             assert isinstance(net[1], nn.Identity) and net[0].weight is not w
+            assert isinstance(net[2], FrozenPReLU)
             with torch.no_grad():
                 assert _rel(net(x), ref) < 1e-6
             raise RuntimeError("inside")
-    assert net[0].weight is w and net[0].bias is b and net[1] is bn
+    assert net[0].weight is w and net[0].bias is b and net[1] is bn and net[2] is act
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+def test_frozen_prelu_bit_identical():
+    """FrozenPReLU: the values and input gradients of a one-parameter PReLU, bit for bit."""
+    from instance_saliency.saliency._speed import FrozenPReLU
+
+    act = nn.PReLU()
+    with torch.no_grad():
+        act.weight.fill_(0.173)
+    x = torch.randn(2, 3, 7, 7, 7, requires_grad=True)
+    g = torch.randn(2, 3, 7, 7, 7)
+    a, b = act(x), FrozenPReLU(act.weight.item())(x)
+    assert torch.equal(a, b)
+    assert torch.equal(torch.autograd.grad(a, x, g)[0], torch.autograd.grad(b, x, g)[0])
 
 
 def test_fold_batchnorm_keeps_named_layer_and_monai_blocks():
@@ -378,3 +395,28 @@ def test_gpu_check_dry_run():
     assert float(res["fp32_total_s"]) > 0
     assert res["fp32_peak_gb"] == "nan"  # no GPU in a dry run
     assert float(res["fp32_max_rel_diff"]) < 1e-5
+
+
+def test_window_plan_from_crops_equals_from_masks():
+    """Planning from MaskTargets' crops finds the same windows as from full masks (sliding),
+    and patch mode still works from targets."""
+    from instance_saliency.inference import WindowGrid
+    from instance_saliency.saliency.engine import WindowPlan
+
+    rng = np.random.default_rng(0)
+    shape = (70, 60, 50)
+    grid = WindowGrid.create(shape, (32, 32, 32), 0.25)
+    targets = []
+    for _ in range(12):
+        c = rng.integers(0, shape)
+        m = np.zeros(shape, bool)
+        m[tuple(slice(max(0, a - int(r)), a + int(r)) for a, r in zip(c, rng.integers(1, 6, 3)))] = True
+        m &= rng.random(shape) < 0.7
+        if m.any():
+            targets.append(MaskTarget(m))
+    a = WindowPlan.create((t.mask for t in targets), shape, grid=grid)
+    b = WindowPlan.create(targets, shape, grid=grid)
+    assert a.target_windows == b.target_windows
+    p1 = WindowPlan.create((t.mask for t in targets), shape, "patch", (32, 32, 32))
+    p2 = WindowPlan.create(targets, shape, "patch", (32, 32, 32))
+    assert p1.windows == p2.windows and p1.target_windows == p2.target_windows

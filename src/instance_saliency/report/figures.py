@@ -375,6 +375,10 @@ def instance_figure(flair, mask, saliency, centroid_vox, spacing,
             ax.set_ylim(n_v0 - 0.5, n_v1 - 0.5)
             ax.set_xticks([])
             ax.set_yticks([])
+            # no ticks and no axis labels: the axes draw nothing (the same pixels), so they
+            # are not drawn at all (a third of the figure's drawing time)
+            ax.xaxis.set_visible(False)
+            ax.yaxis.set_visible(False)
             axis_name = "xyz"[VIEWS[view]]
             ax.set_title(f"{channel_names[r]} · {view} {axis_name}={centre[VIEWS[view]]}",
                          fontsize=9, pad=2)

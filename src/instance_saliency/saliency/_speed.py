@@ -109,6 +109,34 @@ def _folded_params(conv: torch.nn.Module, bn: torch.nn.Module):
             torch.nn.Parameter(bias, requires_grad=False))
 
 
+class FrozenPReLU(torch.nn.Module):
+    """A single-parameter ``nn.PReLU`` with its slope fixed, as ``F.leaky_relu``: the same
+    values and input gradients bit for bit (``x if x > 0 else a·x``; gradient ``1`` or
+    ``a``), but its backward pass does not compute the slope's gradient, which
+    ``nn.PReLU``'s always does (measured: 6× faster backward on a 16×48³ activation)."""
+
+    def __init__(self, slope: float):
+        super().__init__()
+        self.slope = float(slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.leaky_relu(x, self.slope)
+
+    def extra_repr(self) -> str:
+        return f"slope={self.slope}"
+
+
+def _frozen_prelus(net: torch.nn.Module) -> list:
+    """``(parent, name, prelu)`` of every single-parameter PReLU without hooks."""
+    out = []
+    for parent in net.modules():
+        for name, child in parent._modules.items():
+            if (isinstance(child, torch.nn.PReLU) and child.weight.numel() == 1
+                    and not _has_hooks(child)):
+                out.append((parent, name, child))
+    return out
+
+
 def _apply_folds(net: torch.nn.Module, keep: Iterable[str] = ()) -> list:
     """Fold in place; return what :func:`_undo_folds` needs to put the originals back (the
     original parameter and module objects themselves, untouched)."""
@@ -127,11 +155,21 @@ def _apply_folds(net: torch.nn.Module, keep: Iterable[str] = ()) -> list:
     return undo
 
 
+def _apply_prelus(net: torch.nn.Module) -> list:
+    """Swap single-parameter PReLUs for :class:`FrozenPReLU` in place; return the undo list."""
+    undo = []
+    for parent, name, prelu in _frozen_prelus(net):
+        undo.append((None, None, None, parent, name, prelu))
+        parent._modules[name] = FrozenPReLU(prelu.weight.detach().reshape(()).item())
+    return undo
+
+
 def _undo_folds(undo: list) -> None:
-    for conv, weight, bias, bn_parent, bn_name, bn in reversed(undo):
-        conv._parameters["weight"] = weight
-        conv._parameters["bias"] = bias
-        bn_parent._modules[bn_name] = bn
+    for conv, weight, bias, parent, name, module in reversed(undo):
+        if conv is not None:
+            conv._parameters["weight"] = weight
+            conv._parameters["bias"] = bias
+        parent._modules[name] = module
 
 
 def fold_batchnorm(net: torch.nn.Module, keep: Iterable[str] = ()) -> torch.nn.Module:
@@ -145,7 +183,7 @@ def fold_batchnorm(net: torch.nn.Module, keep: Iterable[str] = ()) -> torch.nn.M
     logits, 2e-7 on input gradients). Module names are kept, so a layer looked up by name
     (Grad-CAM++) is still found; its output is unchanged unless the layer *is* a folded
     convolution, which ``keep`` excludes. The saliency methods fold for the duration of a call
-    only (:func:`batchnorm_folded`).
+    only (:func:`fast_networks`).
 
     Only pairs whose order of execution is certain are folded: a convolution and the next
     child of an ``nn.Sequential`` (or of a subclass that keeps its ``forward``, as MONAI's
@@ -173,15 +211,22 @@ def fold_batchnorm(net: torch.nn.Module, keep: Iterable[str] = ()) -> torch.nn.M
 
 
 @contextlib.contextmanager
-def batchnorm_folded(model, keep: Iterable[str] = ()) -> Iterator[None]:
-    """Inside the block, the eval-mode batch norms of every distinct network of ``model`` (a
-    torch module or a :class:`~instance_saliency.models.SegmentationModel`) are folded into
-    the convolutions before them (see :func:`fold_batchnorm`), in place: the folded weights are
-    new parameters put in the original parameters' slots and each batch norm's slot holds an
-    ``nn.Identity``. On exit, also after an exception, the original parameter and module
-    objects are put back (their values were never changed). Does nothing under ``LEGACY``.
+def fast_networks(model, keep: Iterable[str] = ()) -> Iterator[None]:
+    """Inside the block, every distinct network of ``model`` (a torch module or a
+    :class:`~instance_saliency.models.SegmentationModel`) runs faster for input gradients,
+    in place:
 
-    Use inside :func:`~.base.models_state_guard` (which sets eval mode first)."""
+    * eval-mode batch norms are folded into the convolutions before them (see
+      :func:`fold_batchnorm`; float32 rounding changes, about 1e-7 relative): the folded
+      weights are new parameters put in the original parameters' slots, and each batch norm's
+      slot holds an ``nn.Identity``;
+    * single-parameter ``nn.PReLU`` modules are replaced by :class:`FrozenPReLU` (the same
+      values and gradients bit for bit; no gradient of the slope is computed).
+
+    On exit, also after an exception, the original parameter and module objects are put
+    back (their values were never changed). Does nothing under ``LEGACY``. Use inside
+    :func:`~.base.models_state_guard` (which sets eval mode first).
+    """
     from ..models.base import distinct_networks, members_of
 
     undo: list = []
@@ -190,9 +235,59 @@ def batchnorm_folded(model, keep: Iterable[str] = ()) -> Iterator[None]:
             keep = tuple(keep)
             for net in distinct_networks(members_of(model)):
                 undo += _apply_folds(net, keep)
+                undo += _apply_prelus(net)
         yield
     finally:
         _undo_folds(undo)
+
+
+# ------------------------------------------------------------------------------------------
+# memory format
+
+
+def _channels_last_types() -> tuple:
+    """Module classes whose forward is known to use only layout-agnostic torch operations
+    (built-in layers, MONAI's UNet blocks, the package's wrappers). Exact classes: a subclass
+    may override ``forward``."""
+    types = [torch.nn.Sequential, torch.nn.ModuleList, torch.nn.Identity, *_CONVS, *_NORMS,
+             torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
+             torch.nn.GroupNorm, torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.PReLU,
+             torch.nn.ELU, torch.nn.GELU, torch.nn.SiLU, torch.nn.Sigmoid, torch.nn.Tanh,
+             torch.nn.Dropout, torch.nn.Dropout3d, torch.nn.MaxPool3d, torch.nn.AvgPool3d,
+             FrozenPReLU]
+    try:
+        from monai.networks.blocks import ADN, Convolution
+        from monai.networks.layers.simplelayers import SkipConnection
+        from monai.networks.nets import UNet
+
+        types += [ADN, Convolution, SkipConnection, UNet]
+    except ImportError:  # pragma: no cover - monai is a dependency
+        pass
+    from ..models.base import Mirrored
+
+    types.append(Mirrored)
+    return tuple(types)
+
+
+def input_format(module: torch.nn.Module, device, ndim: int = 5):
+    """Memory format for the saliency passes' inputs: ``torch.channels_last_3d`` on the CPU
+    for a 3D network built only from layers known to handle any layout (:func:`_channels_last_types`:
+    torch's layers and MONAI's UNet blocks), else ``None`` (contiguous, as given).
+
+    oneDNN's 3D convolutions run faster on channels-last data, forward and backward alike
+    (measured on the shipped model, one 96³ window pair: forward 238 → 157 ms, three
+    backward passes 568 → 448 ms on one thread), and the format propagates through the
+    network from its input. The values change by float32 summation order only (2e-7 relative
+    on input gradients). Other modules are left alone: a ``view`` or an extension reading raw
+    memory could fail or misread non-contiguous data. Not used on GPUs (untested there) nor
+    under ``LEGACY``.
+    """
+    if LEGACY or ndim != 5 or torch.device(device).type != "cpu":
+        return None
+    allowed = _channels_last_types()
+    if all(type(m) in allowed for m in module.modules()):
+        return torch.channels_last_3d
+    return None
 
 
 # ------------------------------------------------------------------------------------------

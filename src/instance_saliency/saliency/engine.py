@@ -92,8 +92,10 @@ class WindowPlan:
     def create(cls, masks: Iterable[np.ndarray], image_shape: Sequence[int], mode: str = "sliding",
                roi_size: Sequence[int] = (96, 96, 96), overlap: float = 0.25,
                grid: WindowGrid | None = None, patch_alignment: int = 16) -> "WindowPlan":
-        """Plan the windows for targets with the given masks (each ``(X, Y, Z)`` bool; any
-        iterable, read once, so the masks can be built one at a time).
+        """Plan the windows for targets with the given masks (each ``(X, Y, Z)`` bool, or a
+        :class:`~instance_saliency.targets.MaskTarget`, whose bounding-box crop is then used
+        without building the full mask; any iterable, read once, so the masks can be built
+        one at a time).
 
         In patch mode each window is centred on its target's bounding box, with its start
         shifted (by less than ``patch_alignment`` voxels) to the same remainder modulo
@@ -118,11 +120,13 @@ class WindowPlan:
             plan = cls(mode, image_shape, grid.padded_shape, grid.pad_before, grid=grid)
             plan.windows = [(tuple(int(a) for a in st), roi) for st in grid.starts]
             for m in masks:
-                ws = grid.windows_touching(m)
+                ws = (_windows_touching_crop(grid, m._box, m._crop) if _is_cropped(m)
+                      else grid.windows_touching(m))
                 if not ws:
                     raise ValueError("a target mask is empty")
                 plan.target_windows.append(ws)
             return plan
+        masks = (m.mask if _is_cropped(m) else m for m in masks)
         if mode == "whole":
             plan = cls(mode, image_shape, image_shape, (0, 0, 0))
             plan.windows = [((0, 0, 0), image_shape)]
@@ -204,6 +208,32 @@ class WindowPlan:
 
     def n_windows_per_target(self) -> list[int]:
         return [len(ws) for ws in self.target_windows]
+
+
+def _is_cropped(m) -> bool:
+    """A :class:`~instance_saliency.targets.MaskTarget` (a mask kept as its bounding-box crop)."""
+    return hasattr(m, "_box") and hasattr(m, "_crop") and not isinstance(m, np.ndarray)
+
+
+def _windows_touching_crop(grid: WindowGrid, box: tuple, crop: np.ndarray) -> list[int]:
+    """:meth:`WindowGrid.windows_touching` of a mask given as its bounding box (slices, image
+    coordinates) and the mask's crop to it: the same windows, without scanning a full-grid
+    mask (on the demo scan: 23 ms per lesion, about 1.5 s for the 68 lesions, per method)."""
+    if not crop.any():
+        return []
+    pb = np.array(grid.pad_before)
+    lo = np.array([b.start for b in box]) + pb
+    hi = np.array([b.stop - 1 for b in box]) + pb
+    roi = np.array(grid.roi_size)
+    out = []
+    for w, st in enumerate(grid.starts):
+        if np.all(st <= hi) and np.all(st + roi > lo):
+            img = grid.window_image_part(w)[0]
+            sub = tuple(slice(max(i.start, b.start) - b.start, min(i.stop, b.stop) - b.start)
+                        for i, b in zip(img, box))
+            if all(s_.stop > s_.start for s_ in sub) and crop[sub].any():
+                out.append(w)
+    return out
 
 
 def _dominant_window(grid: WindowGrid, mask: np.ndarray) -> int:

@@ -46,10 +46,10 @@ import torch.nn.functional as F
 
 from ..models.base import members_of
 from . import _speed
-from ._speed import batchnorm_folded, check_precision, precision_context
+from ._speed import check_precision, fast_networks, input_format, precision_context
 from .base import capture_activations, models_state_guard, resolve_layer
-from .engine import (SparseMap, WindowPlan, _batches, cotangent, cotangent_crop, packed_vjps,
-                     window_inputs)
+from .engine import (SparseMap, WindowPlan, _batches, _is_cropped, cotangent,
+                     cotangent_crop, packed_vjps, window_inputs)
 from .smoothgrad import InstanceSaliency, _as_input, plan_pad
 
 
@@ -156,8 +156,8 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
     without gradients, unless ``layer_sums`` gives them), then activations and gradients at
     the layer, whose per-window share of the weights is added at once, so no gradient tensor
     is kept: memory stays at the activations of the needed windows whatever the number of
-    targets. Batch norms are folded into the convolutions before them for the passes (as in
-    :func:`~.smoothgrad.smoothgrad`; never the layer itself).
+    targets. Batch norms are folded and PReLUs frozen for the passes (as in
+    :func:`~.smoothgrad.smoothgrad`; nothing is folded into the layer itself).
 
     Raises
     ------
@@ -185,8 +185,10 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
         raise ValueError(f"layer_sums has {len(layer_sums)} entries for {len(members)} members")
     if legacy:
         layer_sums = None
-    # masks built one at a time (a target keeps only its crop)
-    plan = WindowPlan.create((t.mask for t in targets), shape, mode, roi_size, overlap, grid)
+    # targets' masks used as their bounding-box crops (never a full-grid mask per target)
+    plan = WindowPlan.create((t.mask for t in targets) if legacy else
+                             (t if _is_cropped(t) else t.mask for t in targets),
+                             shape, mode, roi_size, overlap, grid)
     xp = plan_pad(plan, x[None])
     nt = len(targets)
     regions = [plan.target_region(t) for t in range(nt)]
@@ -202,8 +204,8 @@ def gradcampp(model: torch.nn.Module, x, targets: Sequence, layer: str, *,
     cots = None if legacy else {(t, w): cotangent_crop(plan, targets[t], w, dev)
                                 for t in range(nt) for w in plan.target_windows[t]}
     imp_cache: dict = {}
-    # batch norms folded for the duration of the call, except into the layer itself
-    with models_state_guard(model), batchnorm_folded(model, keep=(layer,)):
+    # batch norms folded (except into the layer itself), PReLUs frozen, during the call
+    with models_state_guard(model), fast_networks(model, keep=(layer,)):
         for i, mem in enumerate(members):
             if legacy:
                 acts, w_m, hires = _cam_member_legacy(mem, layer, plan, xp, targets,
@@ -367,6 +369,12 @@ def _cam_member(member, layer: str, plan: WindowPlan, xp: torch.Tensor, targets,
 
         pass2 = tqdm(batches, desc="HiResCAM" if variant == "hirescam" else "Grad-CAM++",
                      unit="batch", leave=False)
+    fmt = input_format(model, dev, xp.ndim)
+
+    def inputs(wb):
+        inp = window_inputs(plan, xp, wb)
+        return inp if fmt is None else inp.contiguous(memory_format=fmt)
+
     with capture_activations(module) as store:
         if variant == "hirescam":  # no sums needed: no pass without gradients
             sums = {w: torch.zeros(0, dtype=torch.float64) for w in needed}
@@ -376,7 +384,7 @@ def _cam_member(member, layer: str, plan: WindowPlan, xp: torch.Tensor, targets,
             for wb in batches:
                 store.clear()
                 with torch.no_grad(), precision_context(precision, dev):
-                    model(window_inputs(plan, xp, wb))
+                    model(inputs(wb))
                 if len(store) != 1:
                     raise ValueError(f"layer {layer!r} ran {len(store)} times in one forward "
                                      "pass")
@@ -390,7 +398,7 @@ def _cam_member(member, layer: str, plan: WindowPlan, xp: torch.Tensor, targets,
         # is added at once (one backward carries a different target on each window row)
         for wb in pass2:
             store.clear()
-            inp = window_inputs(plan, xp, wb)
+            inp = inputs(wb)
             with torch.enable_grad():
                 with precision_context(precision, dev):
                     out = model(inp)

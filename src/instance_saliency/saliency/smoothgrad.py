@@ -18,10 +18,10 @@ import torch
 
 from ..models.base import as_module, members_of
 from . import _speed
-from ._speed import batchnorm_folded, check_precision, precision_context
+from ._speed import check_precision, fast_networks, input_format, precision_context
 from .base import draw_noise, models_state_guard, noise_sigma, prefetch
-from .engine import (SparseMap, WindowPlan, _batches, cotangent, cotangent_crop,
-                     packed_vjps, window_inputs)
+from .engine import (SparseMap, WindowPlan, _batches, _is_cropped, cotangent,
+                     cotangent_crop, packed_vjps, window_inputs)
 
 VARIANTS = ("mean", "squared", "vargrad")
 AGGREGATIONS = ("target", "maxabs")
@@ -93,8 +93,12 @@ def _grads_linear(model, plan: WindowPlan, xp: torch.Tensor, targets, active, re
         cots = {(t, w): cotangent_crop(plan, targets[t], w, dev) for w in needed
                 for t in users[w]}
     order = (lambda w: (-len(users[w]), w)) if pack else None
+    fmt = input_format(model, dev, xp.ndim)
     for wb in _batches(plan, needed, sw_batch_size, order):
-        inp = window_inputs(plan, xp, wb).requires_grad_(True)
+        inp = window_inputs(plan, xp, wb)
+        if fmt is not None:
+            inp = inp.contiguous(memory_format=fmt)
+        inp.requires_grad_(True)
         with torch.enable_grad():
             with precision_context(precision, dev):
                 out = model(inp)
@@ -317,9 +321,11 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
 
     Notes
     -----
-    Batch norms are folded into the convolutions before them for the passes
-    (:func:`~._speed.fold_batchnorm`; the maps change by float32 rounding only, about 1e-7
-    relative), and each target's cotangent is built once, not per sample.
+    For the passes, batch norms are folded into the convolutions before them and one-parameter
+    PReLUs are frozen (:func:`~._speed.fast_networks`, undone on return): float32 rounding
+    changes, about 1e-7 relative, except where it moves a pre-activation across a PReLU kink,
+    which changes the gradient locally (as any change of summation order does: see
+    docs/performance.md). Each target's cotangent is built once, not per sample.
 
     Returns
     -------
@@ -366,8 +372,10 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
         if dev.type != "cpu" and not legacy:  # drawn on the CPU (reproducible), overlapped
             noise_iter = prefetch(noise_iter, dev)
     whole = as_module(model)
-    # masks built one at a time (a target keeps only its crop)
-    plan = WindowPlan.create((t.mask for t in targets), shape, mode, roi_size, overlap, grid)
+    # targets' masks used as their bounding-box crops (never a full-grid mask per target)
+    plan = WindowPlan.create((t.mask for t in targets) if legacy else
+                             (t if _is_cropped(t) else t.mask for t in targets),
+                             shape, mode, roi_size, overlap, grid)
     regions = [plan.target_region(t) for t in range(len(targets))]
     acc_dev = torch.device("cpu") if legacy else dev  # accumulators stay on the device
     sums = [torch.zeros((C,) + tuple(s.stop - s.start for s in r), device=acc_dev)
@@ -383,8 +391,8 @@ def smoothgrad(model: torch.nn.Module, x, targets: Sequence, *, mode: str = "sli
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="SmoothGrad", unit="chunk", leave=False)
-    # batch norms folded into the convolutions for the duration of the call
-    with models_state_guard(model), batchnorm_folded(model):
+    # batch norms folded into the convolutions, PReLUs frozen, for the duration of the call
+    with models_state_guard(model), fast_networks(model):
         members = members_of(model)
         for c0 in chunks:
             n = min(batch_size, n_samples - c0)
