@@ -158,6 +158,40 @@ def test_linear_model_deletion_curve_has_its_closed_form():
     assert 0 <= dk.min() and dk.max() <= 1
 
 
+def test_shared_inputs_are_run_once_per_lesion_with_the_same_curves():
+    """Every deletion curve starts from the unperturbed input and (fixed baseline) ends at the
+    fully replaced neighbourhood; insertion runs the other way. With a per-lesion cache these
+    inputs are run once: same values, fewer window forwards."""
+    net = Linear(seed=5).eval()
+    model = _model(net)
+    x = _x(6)
+    lesion = _lesion()
+    grid = model.grid(SHAPE)
+    region = np.zeros(SHAPE, bool)
+    region[5:16, 6:17, 4:14] = True
+    rng = np.random.default_rng(0)
+    sal = rng.normal(size=x.shape)
+    orders = [deletion_order(sal, region, True), deletion_order(sal, region, False),
+              np.argwhere(region)[rng.permutation(int(region.sum()))]]
+    b = np.full_like(x, -0.5)
+    steps = 4
+    plain = LocalPredictor(net, grid, 1, 0.5)
+    shared = LocalPredictor(net, grid, 1, 0.5)
+    cache: dict = {}
+    for ins in (False, True):
+        for o in orders:
+            t1, d1 = perturbation_curve(plain, x, lesion, o, steps, b, insertion=ins)
+            t2, d2 = perturbation_curve(shared, x, lesion, o, steps, b, insertion=ins,
+                                        cache=cache, cache_key="background")
+            np.testing.assert_array_equal(t1, t2)
+            np.testing.assert_array_equal(d1, d2)
+    n_win = len(grid.windows_touching(lesion))
+    assert plain.forwards == 6 * (steps + 1) * n_win
+    # 6 curves x (steps - 1) distinct inner steps + the unperturbed and the replaced input
+    assert shared.forwards == (6 * (steps - 1) + 2) * n_win
+    assert set(cache) == {("unperturbed",), ("all replaced", "background")}
+
+
 def test_randomising_the_only_layer_decorrelates_the_map_and_weights_come_back_bitwise():
     net = Linear(seed=3).eval()
     model = _model(net)

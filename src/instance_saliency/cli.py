@@ -794,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
                     f"{cd.random_orders})")
     ck.add_argument("--baselines", default=",".join(cd.baselines),
                     help="deletion baselines from background,blur,road (default "
-                    "background,road; insertion uses the first)")
+                    "background; insertion uses the first; road about doubles the deletion cost)")
     ck.add_argument("--context-mm", default="0:15:1",
                     help="context shells in mm, comma-separated or start:stop:step "
                     "(default 0:15:1)")
