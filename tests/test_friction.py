@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from instance_saliency import cli
+from instance_saliency.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -692,3 +693,21 @@ def test_public_training_scan_is_recognised_by_its_checksum():
                         "member(s) fold_a: its TP/FP/FN are not held-out figures")
     assert training_scan_warning(Model(["P18"]), [flair]) is None
     assert training_scan_warning(Model(["patient07"]), [Path(__file__)]) is None
+
+
+# ------------------------------------------------------------------------------------------
+# friction round 5: inputs given twice, subject-name case, checks.json, stale checks,
+# evaluate on a probability map, analyze on a missing folder, sw_batch_size, --max-instances
+
+
+def test_max_instances_zero_refused_before_the_prediction(synth, tmp_path, capsys):
+    from instance_saliency.explain import ExplainConfig
+
+    capsys.readouterr()
+    assert _explain(synth, tmp_path / "r", "--max-instances", "0") == 2
+    cap = capsys.readouterr()
+    assert cap.err.strip() == "instance-saliency: error: --max-instances must be at least 1"
+    assert "predicting" not in cap.out and not (tmp_path / "r").exists()
+    with pytest.raises(InputError, match="--max-instances must be at least 1"):
+        ExplainConfig(max_instances=0).validate()
+    ExplainConfig(max_instances=1).validate()

@@ -70,7 +70,8 @@ class ExplainConfig:
         Model options (nnU-Net folds, checkpoint name, test-time mirroring, tile step size,
         lesion label); ``None`` = the model's defaults (:func:`instance_saliency.models.load_model`).
     max_instances : int
-        Refuse scans with more instances than this (raise ``min_size`` or this limit).
+        Refuse scans with more instances than this (raise ``min_size`` or this limit); at
+        least 1.
     flagger : str or None
         JSON flagger (:func:`instance_saliency.flagging.load_flagger`): adds the per-lesion
         columns ``flagger_prob_fp`` and ``flagger_flagged`` and marks flagged lesions in the
@@ -143,8 +144,8 @@ class ExplainConfig:
             raise InputError("--reduction must be 'sum' or 'mean'")
         if self.batch_size < 1 or self.sw_batch_size < 1:
             raise InputError("--batch-size and --sw-batch-size must be at least 1")
-        if self.max_instances < 0:
-            raise InputError("--max-instances must be >= 0")
+        if self.max_instances < 1:  # 0 would refuse every scan with a lesion, after the
+            raise InputError("--max-instances must be at least 1")  # prediction
         if not (self.min_size >= 0 and np.isfinite(self.min_size)):
             raise InputError("--min-size must be a finite number >= 0")
         if not (0 < self.iou_threshold <= 1):
