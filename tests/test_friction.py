@@ -700,6 +700,17 @@ def test_public_training_scan_is_recognised_by_its_checksum():
 # evaluate on a probability map, analyze on a missing folder, sw_batch_size, --max-instances
 
 
+def test_analyze_missing_folder_says_it_does_not_exist(tmp_path, capsys):
+    missing = tmp_path / "nonexistent"
+    assert cli.main(["analyze", str(missing), "--no-figures"]) == 2
+    assert _err(capsys) == f"instance-saliency: error: cohort folder {missing} does not exist"
+    (tmp_path / "file").write_text("")
+    assert cli.main(["analyze", str(tmp_path / "file"), "--no-figures"]) == 2
+    assert _err(capsys) == (f"instance-saliency: error: {tmp_path / 'file'} is not a folder; "
+                            "analyze needs a cohort folder")
+    assert not missing.exists()
+
+
 def test_max_instances_zero_refused_before_the_prediction(synth, tmp_path, capsys):
     from instance_saliency.explain import ExplainConfig
 

@@ -512,7 +512,7 @@ def test_evaluate_replaces_its_csv_atomically(world, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case, pattern", [
-    ("missing_folder", r"no subjects with instances\.csv under .*nope/subjects"),
+    ("missing_folder", r"cohort folder .*/nope does not exist$"),
     ("no_finished_subject", r"no subjects with instances\.csv under"),
     ("corrupt_table", r"cannot read .*s1/instances_full\.csv: Error tokenizing data"),
 ])
