@@ -700,6 +700,22 @@ def test_public_training_scan_is_recognised_by_its_checksum():
 # evaluate on a probability map, analyze on a missing folder, sw_batch_size, --max-instances
 
 
+def test_evaluate_probability_map_points_to_prediction_mask(tmp_path, capsys):
+    gt = np.zeros((12, 12, 12), np.uint8)
+    gt[2:5, 2:5, 2:5] = 1
+    prob = gt * np.float32(0.8) + np.float32(0.1)
+    _save(tmp_path / "gt.nii.gz", gt)
+    p = _save(tmp_path / "prediction_prob.nii.gz", prob)
+    assert cli.main(["evaluate", "--pred", str(p), "--mask", str(tmp_path / "gt.nii.gz")]) == 2
+    assert _err(capsys) == (f"instance-saliency: error: prediction file {p} is not binary: "
+                            "values [0.1, 0.9] besides 0/1 (a probability map? give the binary "
+                            "prediction_mask.nii.gz that explain and predict write, not "
+                            "prediction_prob.nii.gz, or threshold it first)")
+    # a non-binary ground truth keeps its own hint
+    assert cli.main(["evaluate", "--pred", str(tmp_path / "gt.nii.gz"), "--mask", str(p)]) == 2
+    assert _err(capsys).endswith("besides 0/1 (threshold it first, e.g. at 0.5)")
+
+
 def test_analyze_missing_folder_says_it_does_not_exist(tmp_path, capsys):
     missing = tmp_path / "nonexistent"
     assert cli.main(["analyze", str(missing), "--no-figures"]) == 2
