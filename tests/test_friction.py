@@ -727,6 +727,55 @@ def test_analyze_missing_folder_says_it_does_not_exist(tmp_path, capsys):
     assert not missing.exists()
 
 
+def test_predict_and_check_record_the_sw_batch_size_they_use(synth, tmp_path, monkeypatch):
+    """One default, 2 windows per pass, in explain, predict and check; the value recorded in
+    run.json / checks.json is the one passed to the sliding window; a cohort checked with
+    another value is not refused for it (memory only)."""
+    from instance_saliency import checks, inference
+    from instance_saliency.checks import CheckConfig, check_cohort, run_checks
+    from instance_saliency.explain import ExplainConfig
+
+    assert ExplainConfig().sw_batch_size == CheckConfig().sw_batch_size == 2
+    assert cli.build_parser().parse_args(["predict", "--out", "x"]).sw_batch_size == 2
+    used = []
+    real = inference.sliding_window_logits
+
+    def spy(net, x, grid, sw_batch_size=2, progress=False):
+        used.append(sw_batch_size)
+        return real(net, x, grid, sw_batch_size, progress)
+
+    monkeypatch.setattr(inference, "sliding_window_logits", spy)
+    argv = ["predict", "--flair", str(synth["flair"]), "--mprage", str(synth["t1"]), "--model",
+            str(synth["model"]), "--quiet"]
+    assert cli.main([*argv, "--out", str(tmp_path / "p")]) == 0
+    run = json.loads((tmp_path / "p" / "run.json").read_text())
+    assert used == [2] and run["parameters"]["sw_batch_size"] == 2
+    assert cli.main([*argv, "--out", str(tmp_path / "p3"), "--sw-batch-size", "3"]) == 0
+    assert used[-1] == 3
+    assert json.loads((tmp_path / "p3" / "run.json").read_text())["parameters"][
+        "sw_batch_size"] == 3
+    with pytest.raises(InputError, match="sw_batch_size must be at least 1"):
+        CheckConfig(sw_batch_size=0).validate()
+    seen = []
+    real_init = checks.LocalPredictor.__init__
+
+    def spy_init(self, network, grid, lesion_class, threshold, sw_batch_size=2):
+        seen.append(sw_batch_size)
+        real_init(self, network, grid, lesion_class, threshold, sw_batch_size)
+
+    monkeypatch.setattr(checks.LocalPredictor, "__init__", spy_init)
+    subj = tmp_path / "cohort" / "subjects" / "s1"
+    assert _explain(synth, subj) == 0
+    cfg = CheckConfig(checks=("deletion",), methods=("smoothgrad",), n_samples=1, steps=2,
+                      random_orders=0, baselines=("background",), max_lesions=1)
+    run_checks(subj, cfg, log=lambda s: None, figures=False)
+    rec = json.loads((subj / "checks.json").read_text())
+    assert seen == [2] and rec["config"]["sw_batch_size"] == 2
+    rec["config"]["sw_batch_size"] = 4  # checked before the default became 2
+    (subj / "checks.json").write_text(json.dumps(rec))
+    assert check_cohort(tmp_path / "cohort", cfg, log=lambda s: None) == []  # kept, not refused
+
+
 def test_max_instances_zero_refused_before_the_prediction(synth, tmp_path, capsys):
     from instance_saliency.explain import ExplainConfig
 

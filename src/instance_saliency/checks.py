@@ -100,6 +100,10 @@ class CheckConfig:
         Check at most this many predicted lesions per run: the largest (most voxels; ties by
         label), a reproducible sample for full scans and cohorts (default: all).
     seed : int
+    sw_batch_size : int
+        Windows per forward/backward pass (memory only; default 2, as ``explain``'s
+        :class:`~instance_saliency.explain.ExplainConfig`, whose default it was lowered to for
+        memory).
     """
 
     checks: tuple = CHECKS
@@ -119,7 +123,7 @@ class CheckConfig:
     lesions: tuple | None = None
     max_lesions: int | None = None
     seed: int = 0
-    sw_batch_size: int = 4
+    sw_batch_size: int = 2
 
     def validate(self) -> None:
         """Raise :class:`InputError` for unknown names or out-of-range values."""
@@ -135,7 +139,8 @@ class CheckConfig:
         if bad or not self.baselines:
             raise InputError(f"unknown baseline(s) {bad}; choose from {', '.join(BASELINES)}")
         for name, v, lo in (("--n-samples", self.n_samples, 1), ("--stages", self.stages, 1),
-                            ("--steps", self.steps, 1), ("--random-orders", self.random_orders, 0)):
+                            ("--steps", self.steps, 1), ("--random-orders", self.random_orders, 0),
+                            ("sw_batch_size", self.sw_batch_size, 1)):
             if int(v) < lo:
                 raise InputError(f"{name} must be at least {lo}")
         if not (self.margin_mm >= 0 and np.isfinite(self.margin_mm)):
@@ -272,7 +277,7 @@ class LocalPredictor:
         Lesion-probability threshold; ``None`` = argmax decision.
     """
 
-    def __init__(self, network, grid, lesion_class: int, threshold, sw_batch_size: int = 4):
+    def __init__(self, network, grid, lesion_class: int, threshold, sw_batch_size: int = 2):
         self.net = network
         self.grid = grid
         self.lesion_class = int(lesion_class)
@@ -905,6 +910,11 @@ def summarise(df) -> dict:
 # --------------------------------------------------------------------------- cohorts
 
 
+#: settings of memory and speed only (as the cohort's): subjects checked with other values
+#: are not "other settings" (e.g. sw_batch_size 4, the default before it became 2)
+_NEUTRAL = {"sw_batch_size"}
+
+
 def check_cohort(cohort_dir: str | Path, cfg: CheckConfig | None = None, *,
                  overwrite: bool = False, log=print, figures: bool = True) -> list[str]:
     """Run :func:`run_checks` on every finished subject of a cohort folder
@@ -935,7 +945,8 @@ def check_cohort(cohort_dir: str | Path, cfg: CheckConfig | None = None, *,
                 had = json.loads((d / "checks.json").read_text()).get("config")
             except (OSError, json.JSONDecodeError, AttributeError):
                 had = None
-            diff = sorted(k for k in wanted if had is None or had.get(k) != wanted[k])
+            diff = sorted(k for k in wanted if k not in _NEUTRAL
+                          and (had is None or had.get(k) != wanted[k]))
             if diff:
                 raise InputError(f"subject {s} in {cohort_dir} was checked with other settings "
                                  f"({', '.join(diff)}); use the same options or --overwrite")

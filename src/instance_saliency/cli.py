@@ -633,6 +633,7 @@ def _add_explain_options(e, **overrides) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .explain import ExplainConfig
     from .models import ARCHITECTURES
 
     p = argparse.ArgumentParser(prog="instance-saliency", allow_abbrev=False, description=(
@@ -723,7 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--min-size-unit", choices=("voxels", "mm3"), default="voxels")
     pr.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=26,
                     help="connectivity of the components of the size filter (default 26)")
-    pr.add_argument("--sw-batch-size", type=int, default=4)
+    pr.add_argument("--sw-batch-size", type=int, default=ExplainConfig().sw_batch_size,
+                    help=f"windows per forward pass (default {ExplainConfig().sw_batch_size}, "
+                    "as explain)")
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     pr.add_argument("--quiet", action="store_true")
