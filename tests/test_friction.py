@@ -700,6 +700,35 @@ def test_public_training_scan_is_recognised_by_its_checksum():
 # evaluate on a probability map, analyze on a missing folder, sw_batch_size, --max-instances
 
 
+def test_checks_json_records_the_model_members(synth, tmp_path):
+    from _helpers import Detector
+
+    from instance_saliency.checks import CheckConfig, run_checks
+    from instance_saliency.models import ModelConfig, save_checkpoint
+
+    root = tmp_path / "ens"
+    for name in ("fold_a", "fold_b"):
+        save_checkpoint(root / name, Detector(),
+                        ModelConfig("test_friction_detector", roi_size=[16, 16, 16],
+                                    trained_on=[f"scan-{name[-1]}"]))
+    top = json.loads((root / "fold_a" / "config.json").read_text())
+    top.update(members=["fold_a", "fold_b"], trained_on=["scan-a", "scan-b"])
+    (root / "config.json").write_text(json.dumps(top))
+    run = tmp_path / "run"
+    assert cli.main(["explain", "--flair", str(synth["flair"]), "--mprage", str(synth["t1"]),
+                     "--model", str(root), "--out", str(run), *FAST]) == 0
+    cfg = CheckConfig(checks=("deletion",), methods=("smoothgrad",), n_samples=1, steps=2,
+                      random_orders=0, baselines=("background",), max_lesions=1)
+    summary = run_checks(run, cfg, log=lambda s: None, figures=False)
+    rec = json.loads((run / "checks.json").read_text())["model"]
+    assert rec == summary["model"]
+    assert rec["members"] == ["fold_a", "fold_b"] and rec["kind"] == "checkpoint"
+    assert rec["folder"] == json.loads((run / "run.json").read_text())["model"]["folder"]
+    assert rec["members_trained_on"] == [{"member": "fold_a", "trained_on": ["scan-a"]},
+                                         {"member": "fold_b", "trained_on": ["scan-b"]}]
+    assert rec["excluded_subjects"] == []
+
+
 def test_evaluate_probability_map_points_to_prediction_mask(tmp_path, capsys):
     gt = np.zeros((12, 12, 12), np.uint8)
     gt[2:5, 2:5, 2:5] = 1

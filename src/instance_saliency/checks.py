@@ -793,7 +793,8 @@ def run_checks(run_dir: str | Path, cfg: CheckConfig | None = None, *, model=Non
     Returns
     -------
     dict
-        The summary written to ``checks.json``.
+        The summary written to ``checks.json``: ``config``, ``model`` (its folder, kind and
+        members, see :func:`_model_record`), ``lesions``, ``cost``, ``summary``.
 
     Raises
     ------
@@ -878,7 +879,8 @@ def run_checks(run_dir: str | Path, cfg: CheckConfig | None = None, *, model=Non
     cv = pd.DataFrame(curves)
     atomic_write_text(run_dir / "checks.csv", df.to_csv(index=False))
     atomic_write_text(run_dir / "check_curves.csv", cv.to_csv(index=False))
-    summary = {"config": asdict(cfg), "lesions": labels, "cost": cost,
+    summary = {"config": asdict(cfg), "model": _model_record(model, run), "lesions": labels,
+               "cost": cost,
                "explain_total_s": run.get("timings_s", {}).get("total_s"),
                "summary": summarise(df)}
     if figures and len(cv):
@@ -889,6 +891,24 @@ def run_checks(run_dir: str | Path, cfg: CheckConfig | None = None, *, model=Non
     log(f"checks on {len(labels)} lesion(s) written to {run_dir / 'checks.csv'} "
         f"({cost['total_s']:.0f} s)")
     return summary
+
+
+def _model_record(model, run: dict) -> dict:
+    """What ``checks.json`` records about the model the checks ran: the folder ``run.json``
+    names, the members (ensemble member folders, each once, without the mirrorings) and, for
+    checkpoint models, their training scans and the subjects whose members were left out."""
+    members: list = []
+    for m in getattr(model, "members", ()):
+        base = str(m.name).split(" ")[0]
+        if base not in members:
+            members.append(base)
+    info = getattr(model, "info", {}) or {}
+    rec = {"folder": run.get("model", {}).get("folder"), "kind": getattr(model, "kind", None),
+           "source": getattr(model, "source", None), "members": members}
+    for key in ("members_trained_on", "excluded_subjects"):
+        if key in info:
+            rec[key] = info[key]
+    return rec
 
 
 def summarise(df) -> dict:
