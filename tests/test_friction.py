@@ -729,6 +729,32 @@ def test_checks_json_records_the_model_members(synth, tmp_path):
     assert rec["excluded_subjects"] == []
 
 
+def test_explain_overwrite_replaces_the_checks_of_the_run(synth, tmp_path, capsys):
+    """check outputs belong to the run: explain --overwrite replaces them with it (no stale
+    checks beside new maps); without --overwrite the folder is refused as before."""
+    from instance_saliency.checks import CheckConfig, run_checks
+    from instance_saliency.explain import CHECK_FILES
+
+    run = tmp_path / "run"
+    assert _explain(synth, run) == 0
+    cfg = CheckConfig(checks=("deletion",), methods=("smoothgrad",), n_samples=1, steps=2,
+                      random_orders=0, baselines=("background",), max_lesions=1)
+    run_checks(run, cfg, log=lambda s: None)
+    assert set(CHECK_FILES) <= {p.name for p in run.iterdir()}
+    assert list((run / "figures").glob("checks_*.png"))
+    capsys.readouterr()
+    assert _explain(synth, run) == 2
+    assert _err(capsys) == (f"instance-saliency: error: output folder {run} already holds a "
+                            "finished run; use --overwrite to replace it")
+    assert _explain(synth, run, "--overwrite") == 0
+    names = {p.name for p in run.iterdir()}
+    assert not names & set(CHECK_FILES) and "run.json" in names
+    assert not (run / "figures").exists() or not list((run / "figures").glob("checks_*.png"))
+    (run / "notes.txt").write_text("mine")  # a user's file is still never deleted
+    assert _explain(synth, run, "--overwrite") == 2
+    assert "holds files that are not part of a run (notes.txt)" in _err(capsys)
+
+
 def test_evaluate_probability_map_points_to_prediction_mask(tmp_path, capsys):
     gt = np.zeros((12, 12, 12), np.uint8)
     gt[2:5, 2:5, 2:5] = 1

@@ -31,11 +31,14 @@ METHOD_LABELS = {"smoothgrad": "SmoothGrad", "gradcampp": "Grad-CAM++", "hiresca
 #: methods whose maps live at a CAM layer (one map, not one per input channel)
 CAM_METHODS = ("gradcampp", "hirescam")
 RUN_FILE = "run.json"
+#: what ``instance-saliency check`` adds to a run's folder (its PNGs go into ``figures/``):
+#: results about that run, replaced with it (``--overwrite``), never left beside new maps
+CHECK_FILES = ("checks.csv", "check_curves.csv", "checks.json", "checks.html")
 #: everything a run writes into its folder (anything else there belongs to the user)
 RUN_ENTRIES = {"prediction_prob.nii.gz", "prediction_mask.nii.gz", "instances.nii.gz",
                "saliency", "instances.csv", "profiles.csv", "instances_full.csv",
                "profiles_full.csv", "figures", "report.html",
-               RUN_FILE}
+               RUN_FILE, *CHECK_FILES}
 
 
 @dataclass
