@@ -700,6 +700,42 @@ def test_public_training_scan_is_recognised_by_its_checksum():
 # evaluate on a probability map, analyze on a missing folder, sw_batch_size, --max-instances
 
 
+def test_training_scan_names_match_case_insensitively(synth, tmp_path):
+    """p39 is P39: members that trained on a subject are left out, and the cohort's held-out
+    rule and the SHA256 warning see it, whatever the case of either name."""
+    from _helpers import DATA, Detector
+
+    from instance_saliency import cohort, datasets
+    from instance_saliency.explain import ExplainConfig
+    from instance_saliency.input_checks import training_scan_warning
+    from instance_saliency.models import ModelConfig, load_checkpoint_model, save_checkpoint
+
+    root = tmp_path / "ens"
+    for name, seen in (("fold_a", ["P39", "patient07"]), ("fold_b", ["p18"])):
+        save_checkpoint(root / name, Detector(),
+                        ModelConfig("test_friction_detector", roi_size=[16, 16, 16],
+                                    trained_on=seen))
+    top = json.loads((root / "fold_a" / "config.json").read_text())
+    top.update(members=["fold_a", "fold_b"], trained_on=["P39", "patient07", "p18"])
+    (root / "config.json").write_text(json.dumps(top))
+    m = load_checkpoint_model(root, exclude_subjects=["p39"])
+    assert [u["member"] for u in m.info["members_trained_on"]] == ["fold_b"]
+    assert m.info["excluded_subjects"] == ["p39"]
+    m = load_checkpoint_model(root, exclude_subjects=["P18"])
+    assert [u["member"] for u in m.info["members_trained_on"]] == ["fold_a"]
+    whole = load_checkpoint_model(root)
+    assert cohort._expected_exclusion(whole, "p39", False) == ["p39"]
+    lines = []
+    model_for = cohort._held_out_models(whole, root, ExplainConfig(), False, lines.append)
+    assert [u["member"] for u in model_for("p39").info["members_trained_on"]] == ["fold_b"]
+    assert model_for("p40") is whole
+    if DATA is not None:  # the public scan patient07, recorded as PATIENT07
+        whole.info["members_trained_on"][0]["trained_on"] = ["PATIENT07"]
+        flair = datasets.fetch_subject("patient07", DATA)["flair"]
+        assert training_scan_warning(whole, [flair]).startswith(
+            f"{flair} is the public scan patient07, a training scan of model member(s) fold_a")
+
+
 def test_checks_json_records_the_model_members(synth, tmp_path):
     from _helpers import Detector
 

@@ -109,7 +109,8 @@ def swap_warning(check: dict | None) -> str | None:
 def training_scan_warning(model, paths) -> str | None:
     """A one-line warning when an input file is one of the public scans (identified by its
     SHA256, :data:`instance_saliency.datasets.FILES`) that some members of ``model`` trained on
-    (their ``trained_on``): its TP/FP/FN would then not be held-out figures. None otherwise.
+    (their ``trained_on``, names compared case-insensitively): its TP/FP/FN would then not be
+    held-out figures. None otherwise.
 
     Parameters
     ----------
@@ -137,7 +138,8 @@ def training_scan_warning(model, paths) -> str | None:
             continue
         subject = next((n for n, f in datasets.SUBJECTS.items()
                         if rel in (f.flair, f.mprage, f.mask)), None)
-        saw = [u["member"] for u in used if subject in (u.get("trained_on") or [])]
+        saw = [u["member"] for u in used if subject and datasets.subject_key(subject)
+               in {datasets.subject_key(t) for t in (u.get("trained_on") or [])}]
         if subject and saw:
             return (f"{path} is the public scan {subject}, a training scan of model member(s) "
                     f"{', '.join(saw)}: its TP/FP/FN are not held-out figures (cohort and the "
