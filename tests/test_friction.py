@@ -700,6 +700,36 @@ def test_public_training_scan_is_recognised_by_its_checksum():
 # evaluate on a probability map, analyze on a missing folder, sw_batch_size, --max-instances
 
 
+def test_same_file_for_two_channels_warns_in_one_line(synth, tmp_path, capsys):
+    """--flair a --mprage a: one warning naming both channels, before the work; run.json
+    records it; two files with identical data are reported as such; distinct images pass."""
+    from instance_saliency.input_checks import identical_channels, identical_warning
+
+    capsys.readouterr()
+    assert _explain(synth, tmp_path / "e", t1=synth["flair"]) == 0
+    cap = capsys.readouterr()
+    warn = [ln for ln in cap.err.splitlines() if "same file" in ln]
+    assert warn == ["instance-saliency: warning: the FLAIR and MPRAGE images are the same file: "
+                    "the model sees one contrast twice; give each channel its own image "
+                    "(--flair/--mprage or --image NAME=FILE)"]
+    assert "look swapped" not in cap.err  # the swap check compares the two: silent here
+    run = json.loads((tmp_path / "e" / "run.json").read_text())
+    assert run["checks"]["identical_channels"] == [{"channels": ["FLAIR", "MPRAGE"],
+                                                    "same_file": True}]
+    assert cli.main(["predict", "--flair", str(synth["flair"]), "--mprage", str(synth["flair"]),
+                     "--model", str(synth["model"]), "--out", str(tmp_path / "p"),
+                     "--quiet"]) == 0
+    assert [ln for ln in capsys.readouterr().err.splitlines() if "same file" in ln] == warn
+    fl, t1, _ = brain_scan()
+    pairs = identical_channels(np.stack([fl, fl.copy()]), ["FLAIR", "T1"], ["a.nii", "b.nii"])
+    assert pairs == [{"channels": ["FLAIR", "T1"], "same_file": False}]
+    assert identical_warning(pairs).startswith("the FLAIR and T1 images hold identical image "
+                                               "data: ")
+    assert identical_channels(np.stack([fl, t1]), ["FLAIR", "T1"], ["a.nii", "b.nii"]) == []
+    assert _explain(synth, tmp_path / "ok") == 0
+    assert "identical" not in capsys.readouterr().err and "same file" not in cap.out
+
+
 def test_training_scan_names_match_case_insensitively(synth, tmp_path):
     """p39 is P39: members that trained on a subject are left out, and the cohort's held-out
     rule and the SHA256 warning see it, whatever the case of either name."""

@@ -494,11 +494,15 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
     stage = prepare_output(out, overwrite, inputs)
     for w in model.warnings if loaded_here else ():
         log(f"warning: {w}")
-    from .input_checks import channel_order_check, swap_warning, training_scan_warning
+    from .input_checks import (channel_order_check, identical_channels, identical_warning,
+                               swap_warning, training_scan_warning)
 
     order_check = channel_order_check(subj.image, model.channels)
     if swap_warning(order_check):
         log(f"warning: {swap_warning(order_check)}")
+    same = identical_channels(subj.image, model.channels, ordered)
+    if same:
+        log(f"warning: {identical_warning(same)}")
     seen = training_scan_warning(model, ordered)
     if seen:
         log(f"warning: {seen}")
@@ -723,7 +727,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
             run["no_saliency_outside_network_region"] = outside
         if lost:
             run["no_saliency_lost_in_resampling"] = lost
-        run["checks"] = {"channel_order": order_check}
+        run["checks"] = {"channel_order": order_check, "identical_channels": same}
         if flagger is not None:
             run["flagger"] = {"path": str(Path(cfg.flagger).resolve()),
                               "sha256": datasets.sha256sum(cfg.flagger),
