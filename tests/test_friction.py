@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from instance_saliency import cli
+from instance_saliency.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -692,3 +693,218 @@ def test_public_training_scan_is_recognised_by_its_checksum():
                         "member(s) fold_a: its TP/FP/FN are not held-out figures")
     assert training_scan_warning(Model(["P18"]), [flair]) is None
     assert training_scan_warning(Model(["patient07"]), [Path(__file__)]) is None
+
+
+# ------------------------------------------------------------------------------------------
+# friction round 5: inputs given twice, subject-name case, checks.json, stale checks,
+# evaluate on a probability map, analyze on a missing folder, sw_batch_size, --max-instances
+
+
+def test_same_file_for_two_channels_warns_in_one_line(synth, tmp_path, capsys):
+    """--flair a --mprage a: one warning naming both channels, before the work; run.json
+    records it; two files with identical data are reported as such; distinct images pass."""
+    from instance_saliency.input_checks import identical_channels, identical_warning
+
+    capsys.readouterr()
+    assert _explain(synth, tmp_path / "e", t1=synth["flair"]) == 0
+    cap = capsys.readouterr()
+    warn = [ln for ln in cap.err.splitlines() if "same file" in ln]
+    assert warn == ["instance-saliency: warning: the FLAIR and MPRAGE images are the same file: "
+                    "the model sees one contrast twice; give each channel its own image "
+                    "(--flair/--mprage or --image NAME=FILE)"]
+    assert "look swapped" not in cap.err  # the swap check compares the two: silent here
+    run = json.loads((tmp_path / "e" / "run.json").read_text())
+    assert run["checks"]["identical_channels"] == [{"channels": ["FLAIR", "MPRAGE"],
+                                                    "same_file": True}]
+    assert cli.main(["predict", "--flair", str(synth["flair"]), "--mprage", str(synth["flair"]),
+                     "--model", str(synth["model"]), "--out", str(tmp_path / "p"),
+                     "--quiet"]) == 0
+    assert [ln for ln in capsys.readouterr().err.splitlines() if "same file" in ln] == warn
+    fl, t1, _ = brain_scan()
+    pairs = identical_channels(np.stack([fl, fl.copy()]), ["FLAIR", "T1"], ["a.nii", "b.nii"])
+    assert pairs == [{"channels": ["FLAIR", "T1"], "same_file": False}]
+    assert identical_warning(pairs).startswith("the FLAIR and T1 images hold identical image "
+                                               "data: ")
+    assert identical_channels(np.stack([fl, t1]), ["FLAIR", "T1"], ["a.nii", "b.nii"]) == []
+    assert _explain(synth, tmp_path / "ok") == 0
+    assert "identical" not in capsys.readouterr().err and "same file" not in cap.out
+
+
+def test_training_scan_names_match_case_insensitively(synth, tmp_path):
+    """p39 is P39: members that trained on a subject are left out, and the cohort's held-out
+    rule and the SHA256 warning see it, whatever the case of either name."""
+    from _helpers import DATA, Detector
+
+    from instance_saliency import cohort, datasets
+    from instance_saliency.explain import ExplainConfig
+    from instance_saliency.input_checks import training_scan_warning
+    from instance_saliency.models import ModelConfig, load_checkpoint_model, save_checkpoint
+
+    root = tmp_path / "ens"
+    for name, seen in (("fold_a", ["P39", "patient07"]), ("fold_b", ["p18"])):
+        save_checkpoint(root / name, Detector(),
+                        ModelConfig("test_friction_detector", roi_size=[16, 16, 16],
+                                    trained_on=seen))
+    top = json.loads((root / "fold_a" / "config.json").read_text())
+    top.update(members=["fold_a", "fold_b"], trained_on=["P39", "patient07", "p18"])
+    (root / "config.json").write_text(json.dumps(top))
+    m = load_checkpoint_model(root, exclude_subjects=["p39"])
+    assert [u["member"] for u in m.info["members_trained_on"]] == ["fold_b"]
+    assert m.info["excluded_subjects"] == ["p39"]
+    m = load_checkpoint_model(root, exclude_subjects=["P18"])
+    assert [u["member"] for u in m.info["members_trained_on"]] == ["fold_a"]
+    whole = load_checkpoint_model(root)
+    assert cohort._expected_exclusion(whole, "p39", False) == ["p39"]
+    lines = []
+    model_for = cohort._held_out_models(whole, root, ExplainConfig(), False, lines.append)
+    assert [u["member"] for u in model_for("p39").info["members_trained_on"]] == ["fold_b"]
+    assert model_for("p40") is whole
+    if DATA is not None:  # the public scan patient07, recorded as PATIENT07
+        whole.info["members_trained_on"][0]["trained_on"] = ["PATIENT07"]
+        flair = datasets.fetch_subject("patient07", DATA)["flair"]
+        assert training_scan_warning(whole, [flair]).startswith(
+            f"{flair} is the public scan patient07, a training scan of model member(s) fold_a")
+
+
+def test_checks_json_records_the_model_members(synth, tmp_path):
+    from _helpers import Detector
+
+    from instance_saliency.checks import CheckConfig, run_checks
+    from instance_saliency.models import ModelConfig, save_checkpoint
+
+    root = tmp_path / "ens"
+    for name in ("fold_a", "fold_b"):
+        save_checkpoint(root / name, Detector(),
+                        ModelConfig("test_friction_detector", roi_size=[16, 16, 16],
+                                    trained_on=[f"scan-{name[-1]}"]))
+    top = json.loads((root / "fold_a" / "config.json").read_text())
+    top.update(members=["fold_a", "fold_b"], trained_on=["scan-a", "scan-b"])
+    (root / "config.json").write_text(json.dumps(top))
+    run = tmp_path / "run"
+    assert cli.main(["explain", "--flair", str(synth["flair"]), "--mprage", str(synth["t1"]),
+                     "--model", str(root), "--out", str(run), *FAST]) == 0
+    cfg = CheckConfig(checks=("deletion",), methods=("smoothgrad",), n_samples=1, steps=2,
+                      random_orders=0, baselines=("background",), max_lesions=1)
+    summary = run_checks(run, cfg, log=lambda s: None, figures=False)
+    rec = json.loads((run / "checks.json").read_text())["model"]
+    assert rec == summary["model"]
+    assert rec["members"] == ["fold_a", "fold_b"] and rec["kind"] == "checkpoint"
+    assert rec["folder"] == json.loads((run / "run.json").read_text())["model"]["folder"]
+    assert rec["members_trained_on"] == [{"member": "fold_a", "trained_on": ["scan-a"]},
+                                         {"member": "fold_b", "trained_on": ["scan-b"]}]
+    assert rec["excluded_subjects"] == []
+
+
+def test_explain_overwrite_replaces_the_checks_of_the_run(synth, tmp_path, capsys):
+    """check outputs belong to the run: explain --overwrite replaces them with it (no stale
+    checks beside new maps); without --overwrite the folder is refused as before."""
+    from instance_saliency.checks import CheckConfig, run_checks
+    from instance_saliency.explain import CHECK_FILES
+
+    run = tmp_path / "run"
+    assert _explain(synth, run) == 0
+    cfg = CheckConfig(checks=("deletion",), methods=("smoothgrad",), n_samples=1, steps=2,
+                      random_orders=0, baselines=("background",), max_lesions=1)
+    run_checks(run, cfg, log=lambda s: None)
+    assert set(CHECK_FILES) <= {p.name for p in run.iterdir()}
+    assert list((run / "figures").glob("checks_*.png"))
+    capsys.readouterr()
+    assert _explain(synth, run) == 2
+    assert _err(capsys) == (f"instance-saliency: error: output folder {run} already holds a "
+                            "finished run; use --overwrite to replace it")
+    assert _explain(synth, run, "--overwrite") == 0
+    names = {p.name for p in run.iterdir()}
+    assert not names & set(CHECK_FILES) and "run.json" in names
+    assert not (run / "figures").exists() or not list((run / "figures").glob("checks_*.png"))
+    (run / "notes.txt").write_text("mine")  # a user's file is still never deleted
+    assert _explain(synth, run, "--overwrite") == 2
+    assert "holds files that are not part of a run (notes.txt)" in _err(capsys)
+
+
+def test_evaluate_probability_map_points_to_prediction_mask(tmp_path, capsys):
+    gt = np.zeros((12, 12, 12), np.uint8)
+    gt[2:5, 2:5, 2:5] = 1
+    prob = gt * np.float32(0.8) + np.float32(0.1)
+    _save(tmp_path / "gt.nii.gz", gt)
+    p = _save(tmp_path / "prediction_prob.nii.gz", prob)
+    assert cli.main(["evaluate", "--pred", str(p), "--mask", str(tmp_path / "gt.nii.gz")]) == 2
+    assert _err(capsys) == (f"instance-saliency: error: prediction file {p} is not binary: "
+                            "values [0.1, 0.9] besides 0/1 (a probability map? give the binary "
+                            "prediction_mask.nii.gz that explain and predict write, not "
+                            "prediction_prob.nii.gz, or threshold it first)")
+    # a non-binary ground truth keeps its own hint
+    assert cli.main(["evaluate", "--pred", str(tmp_path / "gt.nii.gz"), "--mask", str(p)]) == 2
+    assert _err(capsys).endswith("besides 0/1 (threshold it first, e.g. at 0.5)")
+
+
+def test_analyze_missing_folder_says_it_does_not_exist(tmp_path, capsys):
+    missing = tmp_path / "nonexistent"
+    assert cli.main(["analyze", str(missing), "--no-figures"]) == 2
+    assert _err(capsys) == f"instance-saliency: error: cohort folder {missing} does not exist"
+    (tmp_path / "file").write_text("")
+    assert cli.main(["analyze", str(tmp_path / "file"), "--no-figures"]) == 2
+    assert _err(capsys) == (f"instance-saliency: error: {tmp_path / 'file'} is not a folder; "
+                            "analyze needs a cohort folder")
+    assert not missing.exists()
+
+
+def test_predict_and_check_record_the_sw_batch_size_they_use(synth, tmp_path, monkeypatch):
+    """One default, 2 windows per pass, in explain, predict and check; the value recorded in
+    run.json / checks.json is the one passed to the sliding window; a cohort checked with
+    another value is not refused for it (memory only)."""
+    from instance_saliency import checks, inference
+    from instance_saliency.checks import CheckConfig, check_cohort, run_checks
+    from instance_saliency.explain import ExplainConfig
+
+    assert ExplainConfig().sw_batch_size == CheckConfig().sw_batch_size == 2
+    assert cli.build_parser().parse_args(["predict", "--out", "x"]).sw_batch_size == 2
+    used = []
+    real = inference.sliding_window_logits
+
+    def spy(net, x, grid, sw_batch_size=2, progress=False):
+        used.append(sw_batch_size)
+        return real(net, x, grid, sw_batch_size, progress)
+
+    monkeypatch.setattr(inference, "sliding_window_logits", spy)
+    argv = ["predict", "--flair", str(synth["flair"]), "--mprage", str(synth["t1"]), "--model",
+            str(synth["model"]), "--quiet"]
+    assert cli.main([*argv, "--out", str(tmp_path / "p")]) == 0
+    run = json.loads((tmp_path / "p" / "run.json").read_text())
+    assert used == [2] and run["parameters"]["sw_batch_size"] == 2
+    assert cli.main([*argv, "--out", str(tmp_path / "p3"), "--sw-batch-size", "3"]) == 0
+    assert used[-1] == 3
+    assert json.loads((tmp_path / "p3" / "run.json").read_text())["parameters"][
+        "sw_batch_size"] == 3
+    with pytest.raises(InputError, match="sw_batch_size must be at least 1"):
+        CheckConfig(sw_batch_size=0).validate()
+    seen = []
+    real_init = checks.LocalPredictor.__init__
+
+    def spy_init(self, network, grid, lesion_class, threshold, sw_batch_size=2):
+        seen.append(sw_batch_size)
+        real_init(self, network, grid, lesion_class, threshold, sw_batch_size)
+
+    monkeypatch.setattr(checks.LocalPredictor, "__init__", spy_init)
+    subj = tmp_path / "cohort" / "subjects" / "s1"
+    assert _explain(synth, subj) == 0
+    cfg = CheckConfig(checks=("deletion",), methods=("smoothgrad",), n_samples=1, steps=2,
+                      random_orders=0, baselines=("background",), max_lesions=1)
+    run_checks(subj, cfg, log=lambda s: None, figures=False)
+    rec = json.loads((subj / "checks.json").read_text())
+    assert seen == [2] and rec["config"]["sw_batch_size"] == 2
+    rec["config"]["sw_batch_size"] = 4  # checked before the default became 2
+    (subj / "checks.json").write_text(json.dumps(rec))
+    assert check_cohort(tmp_path / "cohort", cfg, log=lambda s: None) == []  # kept, not refused
+
+
+def test_max_instances_zero_refused_before_the_prediction(synth, tmp_path, capsys):
+    from instance_saliency.explain import ExplainConfig
+
+    capsys.readouterr()
+    assert _explain(synth, tmp_path / "r", "--max-instances", "0") == 2
+    cap = capsys.readouterr()
+    assert cap.err.strip() == "instance-saliency: error: --max-instances must be at least 1"
+    assert "predicting" not in cap.out and not (tmp_path / "r").exists()
+    with pytest.raises(InputError, match="--max-instances must be at least 1"):
+        ExplainConfig(max_instances=0).validate()
+    ExplainConfig(max_instances=1).validate()

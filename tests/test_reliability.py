@@ -396,7 +396,8 @@ def test_train_bad_options(world, tmp_path, capsys, options, pattern):
     ("explain", ["--n-samples", "0"], r"--n-samples must be at least 1"),
     ("explain", ["--threshold", "1.5"], r"--threshold must lie strictly between 0 and 1"),
     ("explain", ["--min-size", "-1"], r"--min-size must be a finite number >= 0"),
-    ("explain", ["--max-instances", "-1"], r"--max-instances must be >= 0"),
+    ("explain", ["--max-instances", "-1"], r"--max-instances must be at least 1"),
+    ("explain", ["--max-instances", "0"], r"--max-instances must be at least 1"),
     ("cohort", ["--noise-level", "nan"], r"--noise-level must be a finite number >= 0"),
     ("predict", ["--threshold", "0"], r"--threshold must lie strictly between 0 and 1"),
 ])
@@ -511,7 +512,7 @@ def test_evaluate_replaces_its_csv_atomically(world, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case, pattern", [
-    ("missing_folder", r"no subjects with instances\.csv under .*nope/subjects"),
+    ("missing_folder", r"cohort folder .*/nope does not exist$"),
     ("no_finished_subject", r"no subjects with instances\.csv under"),
     ("corrupt_table", r"cannot read .*s1/instances_full\.csv: Error tokenizing data"),
 ])

@@ -102,6 +102,10 @@ class CheckConfig:
         Check at most this many predicted lesions per run: the largest (most voxels; ties by
         label), a reproducible sample for full scans and cohorts (default: all).
     seed : int
+    sw_batch_size : int
+        Windows per forward/backward pass (memory only; default 2, as ``explain``'s
+        :class:`~instance_saliency.explain.ExplainConfig`, whose default it was lowered to for
+        memory).
     """
 
     checks: tuple = CHECKS
@@ -121,7 +125,7 @@ class CheckConfig:
     lesions: tuple | None = None
     max_lesions: int | None = None
     seed: int = 0
-    sw_batch_size: int = 4
+    sw_batch_size: int = 2
 
     def validate(self) -> None:
         """Raise :class:`InputError` for unknown names or out-of-range values."""
@@ -137,7 +141,8 @@ class CheckConfig:
         if bad or not self.baselines:
             raise InputError(f"unknown baseline(s) {bad}; choose from {', '.join(BASELINES)}")
         for name, v, lo in (("--n-samples", self.n_samples, 1), ("--stages", self.stages, 1),
-                            ("--steps", self.steps, 1), ("--random-orders", self.random_orders, 0)):
+                            ("--steps", self.steps, 1), ("--random-orders", self.random_orders, 0),
+                            ("sw_batch_size", self.sw_batch_size, 1)):
             if int(v) < lo:
                 raise InputError(f"{name} must be at least {lo}")
         if not (self.margin_mm >= 0 and np.isfinite(self.margin_mm)):
@@ -274,7 +279,7 @@ class LocalPredictor:
         Lesion-probability threshold; ``None`` = argmax decision.
     """
 
-    def __init__(self, network, grid, lesion_class: int, threshold, sw_batch_size: int = 4):
+    def __init__(self, network, grid, lesion_class: int, threshold, sw_batch_size: int = 2):
         self.net = network
         self.grid = grid
         self.lesion_class = int(lesion_class)
@@ -825,7 +830,8 @@ def run_checks(run_dir: str | Path, cfg: CheckConfig | None = None, *, model=Non
     Returns
     -------
     dict
-        The summary written to ``checks.json``.
+        The summary written to ``checks.json``: ``config``, ``model`` (its folder, kind and
+        members, see :func:`_model_record`), ``lesions``, ``cost``, ``summary``.
 
     Raises
     ------
@@ -910,7 +916,8 @@ def run_checks(run_dir: str | Path, cfg: CheckConfig | None = None, *, model=Non
     cv = pd.DataFrame(curves)
     atomic_write_text(run_dir / "checks.csv", df.to_csv(index=False))
     atomic_write_text(run_dir / "check_curves.csv", cv.to_csv(index=False))
-    summary = {"config": asdict(cfg), "lesions": labels, "cost": cost,
+    summary = {"config": asdict(cfg), "model": _model_record(model, run), "lesions": labels,
+               "cost": cost,
                "explain_total_s": run.get("timings_s", {}).get("total_s"),
                "summary": summarise(df)}
     if figures and len(cv):
@@ -921,6 +928,24 @@ def run_checks(run_dir: str | Path, cfg: CheckConfig | None = None, *, model=Non
     log(f"checks on {len(labels)} lesion(s) written to {run_dir / 'checks.csv'} "
         f"({cost['total_s']:.0f} s)")
     return summary
+
+
+def _model_record(model, run: dict) -> dict:
+    """What ``checks.json`` records about the model the checks ran: the folder ``run.json``
+    names, the members (ensemble member folders, each once, without the mirrorings) and, for
+    checkpoint models, their training scans and the subjects whose members were left out."""
+    members: list = []
+    for m in getattr(model, "members", ()):
+        base = str(m.name).split(" ")[0]
+        if base not in members:
+            members.append(base)
+    info = getattr(model, "info", {}) or {}
+    rec = {"folder": run.get("model", {}).get("folder"), "kind": getattr(model, "kind", None),
+           "source": getattr(model, "source", None), "members": members}
+    for key in ("members_trained_on", "excluded_subjects"):
+        if key in info:
+            rec[key] = info[key]
+    return rec
 
 
 def summarise(df) -> dict:
@@ -940,6 +965,11 @@ def summarise(df) -> dict:
 
 
 # --------------------------------------------------------------------------- cohorts
+
+
+#: settings of memory and speed only (as the cohort's): subjects checked with other values
+#: are not "other settings" (e.g. sw_batch_size 4, the default before it became 2)
+_NEUTRAL = {"sw_batch_size"}
 
 
 def check_cohort(cohort_dir: str | Path, cfg: CheckConfig | None = None, *,
@@ -972,7 +1002,8 @@ def check_cohort(cohort_dir: str | Path, cfg: CheckConfig | None = None, *,
                 had = json.loads((d / "checks.json").read_text()).get("config")
             except (OSError, json.JSONDecodeError, AttributeError):
                 had = None
-            diff = sorted(k for k in wanted if had is None or had.get(k) != wanted[k])
+            diff = sorted(k for k in wanted if k not in _NEUTRAL
+                          and (had is None or had.get(k) != wanted[k]))
             if diff:
                 raise InputError(f"subject {s} in {cohort_dir} was checked with other settings "
                                  f"({', '.join(diff)}); use the same options or --overwrite")

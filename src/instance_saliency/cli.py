@@ -278,7 +278,8 @@ def cmd_predict(a) -> int:
     import torch
 
     from . import datasets
-    from .input_checks import channel_order_check, swap_warning
+    from .input_checks import (channel_order_check, identical_channels, identical_warning,
+                               swap_warning)
     from .explain import (RUN_FILE, _networks_text, _versions, commit_output, prepare_output)
     from .inference import sliding_window_logits
     from .instances import connected_components
@@ -328,6 +329,9 @@ def cmd_predict(a) -> int:
     check = channel_order_check(s.image, model.channels)
     if swap_warning(check):
         print(f"instance-saliency: warning: {swap_warning(check)}", file=sys.stderr)
+    same = identical_channels(s.image, model.channels, ordered)
+    if same:
+        print(f"instance-saliency: warning: {identical_warning(same)}", file=sys.stderr)
     from .input_checks import training_scan_warning
 
     seen = training_scan_warning(model, ordered)
@@ -374,7 +378,7 @@ def cmd_predict(a) -> int:
                         "shape": list(s.shape), "spacing_mm": list(s.spacing),
                         "orientation": s.orientation, "channels": list(model.channels)},
             "outputs": {"mask": mask_path.name, "probability": prob_path.name},
-            "checks": {"channel_order": check},
+            "checks": {"channel_order": check, "identical_channels": same},
             "versions": _versions(), "timings_s": {"total_s": round(time.time() - t_all, 2)},
         }
         # each file is written atomically; the mask (the result) last
@@ -633,6 +637,7 @@ def _add_explain_options(e, **overrides) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .explain import ExplainConfig
     from .models import ARCHITECTURES
 
     p = argparse.ArgumentParser(prog="instance-saliency", allow_abbrev=False, description=(
@@ -723,7 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--min-size-unit", choices=("voxels", "mm3"), default="voxels")
     pr.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=26,
                     help="connectivity of the components of the size filter (default 26)")
-    pr.add_argument("--sw-batch-size", type=int, default=4)
+    pr.add_argument("--sw-batch-size", type=int, default=ExplainConfig().sw_batch_size,
+                    help=f"windows per forward pass (default {ExplainConfig().sw_batch_size}, "
+                    "as explain)")
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     pr.add_argument("--quiet", action="store_true")

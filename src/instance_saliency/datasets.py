@@ -152,6 +152,12 @@ def fetch(relpath: str, data_dir_: str | os.PathLike | None = None) -> Path:
     return Path(out)
 
 
+def subject_key(name) -> str:
+    """A subject name as it is compared with the scans a model member trained on
+    (``trained_on``): case-insensitive, so that a manifest's ``p39`` is the public ``P39``."""
+    return str(name).casefold()
+
+
 def fetch_subject(name: str = DEMO_SUBJECT, data_dir_: str | os.PathLike | None = None
                   ) -> dict[str, Path]:
     """Verified paths ``{"flair", "mprage", "mask"}`` of a public subject (see :data:`SUBJECTS`)."""

@@ -31,11 +31,14 @@ METHOD_LABELS = {"smoothgrad": "SmoothGrad", "gradcampp": "Grad-CAM++", "hiresca
 #: methods whose maps live at a CAM layer (one map, not one per input channel)
 CAM_METHODS = ("gradcampp", "hirescam")
 RUN_FILE = "run.json"
+#: what ``instance-saliency check`` adds to a run's folder (its PNGs go into ``figures/``):
+#: results about that run, replaced with it (``--overwrite``), never left beside new maps
+CHECK_FILES = ("checks.csv", "check_curves.csv", "checks.json", "checks.html")
 #: everything a run writes into its folder (anything else there belongs to the user)
 RUN_ENTRIES = {"prediction_prob.nii.gz", "prediction_mask.nii.gz", "instances.nii.gz",
                "saliency", "instances.csv", "profiles.csv", "instances_full.csv",
                "profiles_full.csv", "figures", "report.html",
-               RUN_FILE}
+               RUN_FILE, *CHECK_FILES}
 
 
 @dataclass
@@ -70,7 +73,8 @@ class ExplainConfig:
         Model options (nnU-Net folds, checkpoint name, test-time mirroring, tile step size,
         lesion label); ``None`` = the model's defaults (:func:`instance_saliency.models.load_model`).
     max_instances : int
-        Refuse scans with more instances than this (raise ``min_size`` or this limit).
+        Refuse scans with more instances than this (raise ``min_size`` or this limit); at
+        least 1.
     flagger : str or None
         JSON flagger (:func:`instance_saliency.flagging.load_flagger`): adds the per-lesion
         columns ``flagger_prob_fp`` and ``flagger_flagged`` and marks flagged lesions in the
@@ -143,8 +147,8 @@ class ExplainConfig:
             raise InputError("--reduction must be 'sum' or 'mean'")
         if self.batch_size < 1 or self.sw_batch_size < 1:
             raise InputError("--batch-size and --sw-batch-size must be at least 1")
-        if self.max_instances < 0:
-            raise InputError("--max-instances must be >= 0")
+        if self.max_instances < 1:  # 0 would refuse every scan with a lesion, after the
+            raise InputError("--max-instances must be at least 1")  # prediction
         if not (self.min_size >= 0 and np.isfinite(self.min_size)):
             raise InputError("--min-size must be a finite number >= 0")
         if not (0 < self.iou_threshold <= 1):
@@ -490,11 +494,15 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
     stage = prepare_output(out, overwrite, inputs)
     for w in model.warnings if loaded_here else ():
         log(f"warning: {w}")
-    from .input_checks import channel_order_check, swap_warning, training_scan_warning
+    from .input_checks import (channel_order_check, identical_channels, identical_warning,
+                               swap_warning, training_scan_warning)
 
     order_check = channel_order_check(subj.image, model.channels)
     if swap_warning(order_check):
         log(f"warning: {swap_warning(order_check)}")
+    same = identical_channels(subj.image, model.channels, ordered)
+    if same:
+        log(f"warning: {identical_warning(same)}")
     seen = training_scan_warning(model, ordered)
     if seen:
         log(f"warning: {seen}")
@@ -719,7 +727,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
             run["no_saliency_outside_network_region"] = outside
         if lost:
             run["no_saliency_lost_in_resampling"] = lost
-        run["checks"] = {"channel_order": order_check}
+        run["checks"] = {"channel_order": order_check, "identical_channels": same}
         if flagger is not None:
             run["flagger"] = {"path": str(Path(cfg.flagger).resolve()),
                               "sha256": datasets.sha256sum(cfg.flagger),

@@ -1,5 +1,8 @@
 """Plausibility checks of the inputs that warn, before any work, instead of refusing.
 
+:func:`identical_channels` finds two channels given the same file or identical data (``--flair
+a.nii.gz --mprage a.nii.gz``).
+
 :func:`channel_order_check` looks for FLAIR and T1-weighted images given the wrong way round
 (``--flair T1.nii.gz --mprage FLAIR.nii.gz``): the model then runs to the end and explains
 nonsense (0 TP on the demo scan) without any error.
@@ -32,7 +35,7 @@ import numpy as np
 
 from .models.channels import canonical
 
-__all__ = ["channel_order_check", "MODE_MARGIN"]
+__all__ = ["channel_order_check", "identical_channels", "MODE_MARGIN"]
 
 #: the FLAIR peak must lie this much (fraction of the 2-98 % range) above the T1 peak to count
 MODE_MARGIN = 0.05
@@ -94,6 +97,51 @@ def channel_order_check(image: np.ndarray, channels, max_voxels: int = 2_000_000
                     "(instance_saliency.input_checks)"}
 
 
+def identical_channels(image: np.ndarray, channels, paths=()) -> list:
+    """Pairs of channels given the same file or identical image data (e.g. ``--flair a.nii.gz
+    --mprage a.nii.gz``): the channel-order check cannot tell them apart (it compares the
+    two), and the model runs on one contrast twice without any error.
+
+    Parameters
+    ----------
+    image : ndarray, shape (C, X, Y, Z)
+        Raw intensities, in the order of ``channels``.
+    channels : sequence of str
+        Channel names.
+    paths : sequence of path, optional
+        The files, in the same order (a pair with one file is reported as such).
+
+    Returns
+    -------
+    list of dict
+        ``{"channels": [name a, name b], "same_file": bool}`` per pair; empty when every
+        channel differs.
+    """
+    import os
+
+    paths = list(paths) + [None] * (len(channels) - len(paths))
+    real = [os.path.realpath(p) if p is not None else None for p in paths]
+    out = []
+    for i in range(len(channels)):
+        for j in range(i + 1, len(channels)):
+            same_file = real[i] is not None and real[i] == real[j]
+            if same_file or np.array_equal(image[i], image[j]):
+                out.append({"channels": [str(channels[i]), str(channels[j])],
+                            "same_file": bool(same_file)})
+    return out
+
+
+def identical_warning(pairs: list) -> str | None:
+    """The one-line warning for :func:`identical_channels` (None when there is none)."""
+    if not pairs:
+        return None
+    a, b = pairs[0]["channels"]
+    what = "are the same file" if pairs[0]["same_file"] else "hold identical image data"
+    more = f" (and {len(pairs) - 1} more pair(s))" if len(pairs) > 1 else ""
+    return (f"the {a} and {b} images {what}{more}: the model sees one contrast twice; give each "
+            f"channel its own image (--flair/--mprage or --image NAME=FILE)")
+
+
 def swap_warning(check: dict | None) -> str | None:
     """The one-line warning for a suspected swap (None when nothing is suspected); the
     channels are named as the model names them."""
@@ -109,7 +157,8 @@ def swap_warning(check: dict | None) -> str | None:
 def training_scan_warning(model, paths) -> str | None:
     """A one-line warning when an input file is one of the public scans (identified by its
     SHA256, :data:`instance_saliency.datasets.FILES`) that some members of ``model`` trained on
-    (their ``trained_on``): its TP/FP/FN would then not be held-out figures. None otherwise.
+    (their ``trained_on``, names compared case-insensitively): its TP/FP/FN would then not be
+    held-out figures. None otherwise.
 
     Parameters
     ----------
@@ -137,7 +186,8 @@ def training_scan_warning(model, paths) -> str | None:
             continue
         subject = next((n for n, f in datasets.SUBJECTS.items()
                         if rel in (f.flair, f.mprage, f.mask)), None)
-        saw = [u["member"] for u in used if subject in (u.get("trained_on") or [])]
+        saw = [u["member"] for u in used if subject and datasets.subject_key(subject)
+               in {datasets.subject_key(t) for t in (u.get("trained_on") or [])}]
         if subject and saw:
             return (f"{path} is the public scan {subject}, a training scan of model member(s) "
                     f"{', '.join(saw)}: its TP/FP/FN are not held-out figures (cohort and the "

@@ -137,8 +137,11 @@ def load_mask(path: str | os.PathLike, ref: nib.Nifti1Image | None = None,
     bad = ~np.isin(data, (0.0, 1.0)) | (np.abs(raw - data) > MASK_TOL)
     if bad.any():
         vals = [float(f"{v:.4g}") for v in np.unique(raw[bad])[:5]]
+        hint = ("threshold it first, e.g. at 0.5" if role != "prediction" else
+                "a probability map? give the binary prediction_mask.nii.gz that explain and "
+                "predict write, not prediction_prob.nii.gz, or threshold it first")
         raise InputError(f"{role} file {path} is not binary: values {vals} besides 0/1 "
-                         "(threshold it first, e.g. at 0.5)")
+                         f"({hint})")
     return data.astype(np.uint8)
 
 

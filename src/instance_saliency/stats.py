@@ -881,8 +881,8 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     Raises
     ------
     InputError
-        No subject with ``instances.csv`` under ``out/subjects``; bad ``flagger_set``; too
-        few subjects to fit the flagger.
+        ``out`` does not exist or is not a folder; no subject with ``instances.csv`` under
+        ``out/subjects``; bad ``flagger_set``; too few subjects to fit the flagger.
     OutputError
         ``out`` (or ``out/figures``) cannot be written; checked before any file is replaced.
     """
@@ -897,6 +897,9 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
         raise InputError(f"--n-perm must be >= 0, got {n_perm}")
     if flagger_set not in ("saliency", "baseline"):
         raise InputError(f"--flagger-set must be 'saliency' or 'baseline', got {flagger_set!r}")
+    if not out.is_dir():  # one line, as check says of a missing run folder
+        raise InputError(f"cohort folder {out} does not exist" if not out.exists()
+                         else f"{out} is not a folder; analyze needs a cohort folder")
     instances, profiles = pool_instances(out)
     method, channel = _pick_method(instances, profiles, method)
     flagger_method = flagger_method or method
