@@ -434,7 +434,7 @@ def main(argv=None) -> int:
                   "max_abs_diff": diff["max_abs"], "max_rel_diff": diff["max_rel"]}
     if a.exact_vs_captum:
         cmd = [sys.executable, str(HERE / "bench_instance_saliency.py"), "--k", "8", "--n", "1",
-               "--skip", "patch,curve", "--k-curve", ""]
+               "--skip", "patch,curve", "--k-curve", ""] + (["--model", a.model] if a.model else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
         print("exact mode vs the Captum per-lesion loop (K = 8, N = 1): "
