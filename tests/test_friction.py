@@ -401,17 +401,29 @@ def test_explain_prints_plan_expected_time_and_every_step(synth, tmp_path, capsy
     pos = [next(i for i, ln in enumerate(lines) if s in ln) for s in steps]
     assert pos == sorted(pos)
     inst = lines[pos[1]]
-    assert "expected about" in inst and "rough, scaled from the prediction time" in inst
+    assert "expected about" in inst and "rough: the windows the lesions touch" in inst
     assert lines[-1].split(";")[0].endswith("explained (2 TP)")  # speck below --min-size
 
 
-def test_expected_time_uses_the_demo_ratios():
-    from instance_saliency.explain import ExplainConfig, expected_seconds
+def test_expected_time_follows_the_windows_the_lesions_touch():
+    """Exact saliency costs one forward per distinct window touched and one backward per
+    lesion-window pair (per noise sample): the estimate scales with those, not with the
+    number of lesions (many small lesions in few windows cost little more than one)."""
+    from instance_saliency.explain import (_COST_GRADCAMPP, _COST_SMOOTHGRAD, ExplainConfig,
+                                           expected_seconds)
 
-    t = expected_seconds(58, 8.0, ExplainConfig(n_samples=4))
-    assert t["smoothgrad"] == pytest.approx(442) and t["gradcampp"] == pytest.approx(122)
-    t50 = expected_seconds(58, 8.0, ExplainConfig())
-    assert t50["smoothgrad"] == pytest.approx(442 * 50 / 4)
+    cfg = ExplainConfig(n_samples=4)
+    # 27 windows predicted in 27 s: 1 s per window pass; D = 2 distinct windows, P = 3 pairs
+    t = expected_seconds(2, 27.0, cfg, [[0, 1], [1]], 27)
+    assert t["smoothgrad"] == pytest.approx(_COST_SMOOTHGRAD * 4 * (2 + 3))
+    assert t["gradcampp"] == pytest.approx(_COST_GRADCAMPP * (2 + 3))
+    # ten lesions inside one window cost (1 + 10) window passes, not ten lesions' worth of two
+    t10 = expected_seconds(10, 27.0, cfg, [[5]] * 10, 27)
+    assert t10["smoothgrad"] == pytest.approx(_COST_SMOOTHGRAD * 4 * 11)
+    assert expected_seconds(2, 27.0, ExplainConfig(), [[0, 1], [1]], 27)["smoothgrad"] \
+        == pytest.approx(t["smoothgrad"] * 50 / 4)
+    # patch mode / no window list: one window per lesion
+    assert expected_seconds(3, 6.0, cfg)["gradcampp"] == pytest.approx(_COST_GRADCAMPP * 2 * 6)
 
 
 def test_one_size_rule_no_fn_below_min_size(synth, tmp_path):

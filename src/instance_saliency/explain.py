@@ -547,7 +547,6 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
             raise InputError(f"{len(iset.instances)} lesion instances exceed the limit of "
                              f"{cfg.max_instances}; raise --min-size or --max-instances")
         kept = iset.pred_labels > 0
-        log(_instances_line(iset.instances, timings["predict_s"], cfg, model))
         save_map(stage / "prediction_prob.nii.gz", prob, subj.affine, subj.header)
         save_map(stage / "prediction_mask.nii.gz", kept.astype(np.uint8), subj.affine,
                  subj.header, np.uint8)
@@ -556,6 +555,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
         # Full-grid masks are built one lesion at a time and dropped (a target keeps only its
         # bounding-box crop): holding all of them costs 0.4 GB on the demo scan.
         rows, targets, usable = [], [], []
+        windows: list = []  # per usable instance, the sliding windows its target touches
         border = brain_border_distance(subj.image, subj.spacing) if insts else None
         for k, i in enumerate(insts):
             m = iset.mask(i)
@@ -570,8 +570,12 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
                 usable.append(k)
                 targets.append(InstanceTarget(nm, model.lesion_class, cfg.reduction,
                                               name=f"lesion_{i.label:03d}"))
+                if cfg.mode == "sliding":
+                    windows.append(grid.windows_touching(nm))
             del m, nm
         del border
+        log(_instances_line(insts, timings["predict_s"], cfg, model,
+                            windows if cfg.mode == "sliding" else None, grid.n_windows))
         skipped = [insts[k].label for k in range(len(insts)) if k not in usable]
         lost = _lost_in_resampling(prep, [iset.mask(insts[k]) for k in range(len(insts))
                                           if k not in usable], skipped)
@@ -828,11 +832,11 @@ def _subject_name(paths: dict) -> str:
     return p.resolve().parent.name if generic and p.resolve().parent.name else stem
 
 
-#: measured on the demo (README "Demo": shipped model, 2 CPU cores, 58 instances, N = 4):
-#: seconds per instance and noise sample of SmoothGrad, and per instance of Grad-CAM++, as a
-#: multiple of the time of the prediction (one sliding-window pass over the whole scan)
-_COST_SMOOTHGRAD = 442 / (58 * 4) / 8
-_COST_GRADCAMPP = 122 / 58 / 8
+#: Cost model of the saliency steps (measured on the demo scan, see ``expected_seconds``):
+#: seconds of one window pass in the saliency steps, as a multiple of the prediction's time per
+#: window (the prediction runs every window of the grid once, without gradients).
+_COST_SMOOTHGRAD = 2.0
+_COST_GRADCAMPP = 2.0
 #: seconds per instance of quantification, NIfTI writing and figures (demo: 58 s / 58)
 _COST_WRITE_S = 1.0
 
@@ -881,22 +885,47 @@ def run_plan(cfg: ExplainConfig, model, cam_layer=None) -> str:
             f"{_networks_text(model)}")
 
 
-def expected_seconds(n_instances: int, predict_s: float, cfg: ExplainConfig) -> dict:
+def expected_seconds(n_instances: int, predict_s: float, cfg: ExplainConfig,
+                     windows: Sequence[Sequence[int]] | None = None,
+                     n_grid_windows: int | None = None) -> dict:
     """Rough run time of the rest of a run, scaled from the prediction time.
+
+    Exact (sliding-window) saliency costs, per SmoothGrad noise sample and once for the CAMs,
+    one forward pass of every window that touches a lesion (``D`` distinct windows) and one
+    backward pass per lesion–window pair (``P = Σ`` windows per lesion); a window pass of the
+    prediction costs ``w = predict_s / n_grid_windows``. Estimate: ``N · c · w · (D + P)`` for
+    SmoothGrad and ``c · w · (D + P)`` per CAM method, with ``c`` (:data:`_COST_SMOOTHGRAD`,
+    :data:`_COST_GRADCAMPP`) measured on the demo scan. Without ``windows`` (or in patch mode,
+    one window per lesion) ``D = P = n_instances``.
+
+    Parameters
+    ----------
+    n_instances : int
+    predict_s : float
+        Seconds of the prediction (one sliding-window pass over the scan).
+    windows : list of list of int, optional
+        Per instance, the indices of the windows its target touches.
+    n_grid_windows : int, optional
+        Windows of the sliding-window grid (default: ``D``).
 
     Returns
     -------
     dict
-        Seconds per step (``smoothgrad``, ``gradcampp``, ``write``) and ``total``. The
-        ratios are the demo's measured ones (:data:`_COST_SMOOTHGRAD`, ...); lesions that
-        touch more windows, a busy machine or ``--mode patch`` change them.
+        Seconds per step (``smoothgrad``, ``gradcampp``, ``hirescam``, ``write``) and
+        ``total``. A busy machine changes them.
     """
+    if windows is None:
+        windows = [[k] for k in range(n_instances)]
+    d = len({w for ws in windows for w in ws})
+    p = sum(len(ws) for ws in windows)
+    per_window = predict_s / max(n_grid_windows or d, 1)
+    passes = per_window * (d + p)
     t = {}
     if "smoothgrad" in cfg.methods:
-        t["smoothgrad"] = _COST_SMOOTHGRAD * predict_s * n_instances * cfg.n_samples
+        t["smoothgrad"] = _COST_SMOOTHGRAD * passes * cfg.n_samples
     for m in CAM_METHODS:  # HiResCAM: the same passes as Grad-CAM++
         if m in cfg.methods:
-            t[m] = _COST_GRADCAMPP * predict_s * n_instances
+            t[m] = _COST_GRADCAMPP * passes
     t["write"] = _COST_WRITE_S * n_instances
     t["total"] = sum(t.values())
     return t
@@ -906,19 +935,20 @@ def _duration(s: float) -> str:
     return f"{s:.0f} s" if s < 90 else (f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h")
 
 
-def _instances_line(insts, predict_s: float, cfg: ExplainConfig, model) -> str:
+def _instances_line(insts, predict_s: float, cfg: ExplainConfig, model, windows=None,
+                    n_grid_windows=None) -> str:
     counts = {}
     for i in insts:
         counts[i.status] = counts.get(i.status, 0) + 1
     what = ", ".join(f"{v} {k}" for k, v in counts.items())
     if not insts:
         return f"prediction took {predict_s:.0f} s; no lesion instances"
-    t = expected_seconds(len(insts), predict_s, cfg)
+    t = expected_seconds(len(insts), predict_s, cfg, windows, n_grid_windows)
     steps = ", ".join(f"{METHOD_LABELS[k]} ~{_duration(v)}" for k, v in t.items()
                       if k in METHOD_LABELS)
     return (f"{len(insts)} lesion instance(s) ({what}); prediction took {predict_s:.0f} s; "
-            f"expected about {_duration(t['total'])} more ({steps}; rough, scaled from the "
-            f"prediction time by the demo's ratios)")
+            f"expected about {_duration(t['total'])} more ({steps}; rough: the windows the "
+            f"lesions touch x the prediction's time per window)")
 
 
 def _spacing_text(prep) -> str:
