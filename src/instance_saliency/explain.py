@@ -832,11 +832,13 @@ def _subject_name(paths: dict) -> str:
     return p.resolve().parent.name if generic and p.resolve().parent.name else stem
 
 
-#: Cost model of the saliency steps (measured on the demo scan, see ``expected_seconds``):
-#: seconds of one window pass in the saliency steps, as a multiple of the prediction's time per
-#: window (the prediction runs every window of the grid once, without gradients).
-_COST_SMOOTHGRAD = 2.0
-_COST_GRADCAMPP = 2.0
+#: Cost model of the saliency steps (see ``expected_seconds``): seconds per window pass (D + P)
+#: as a multiple of the prediction's seconds per window. Measured on the demo scan
+#: (fold_patient07, 68 instances touching D = 27 windows, P = 402 lesion-window pairs;
+#: prediction 3.5 s, SmoothGrad N = 4 75 s, Grad-CAM++ 12.3 s; 2 CPU cores, 2026-12-02):
+#: below 1 because lesions sharing a window share its backward pass (packed cotangents).
+_COST_SMOOTHGRAD = 0.33
+_COST_GRADCAMPP = 0.22
 #: seconds per instance of quantification, NIfTI writing and figures (demo: 58 s / 58)
 _COST_WRITE_S = 1.0
 
