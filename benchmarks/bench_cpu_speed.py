@@ -26,7 +26,7 @@ Last line (machine-readable)::
 
 Quick run (a crop, a few minutes under load)::
 
-    INSTANCE_SALIENCY_DATA=/work/shared/data python benchmarks/bench_cpu_speed.py \
+    INSTANCE_SALIENCY_DATA=../shared/data python benchmarks/bench_cpu_speed.py \
         --crop 96,112,96 --n 1
 
 The goal run (the demo scan, N = 4): no ``--crop``. The exact-mode ratio against the Captum

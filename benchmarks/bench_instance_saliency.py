@@ -23,7 +23,7 @@ peak resident memory (``ru_maxrss``) is its own; timings are of the saliency com
 
 Quick run::
 
-    INSTANCE_SALIENCY_DATA=/work/shared/data python benchmarks/bench_instance_saliency.py \
+    INSTANCE_SALIENCY_DATA=../shared/data python benchmarks/bench_instance_saliency.py \
         --k 2 --n 1 --k-curve 1,2
 
 The last line printed is machine-readable::
