@@ -323,6 +323,25 @@ def test_check_lesions_all_checks_value_sanity(tmp_path):
         page.read_text()
 
 
+def test_insertion_uses_the_first_baseline_that_is_not_road():
+    """ROAD has no fixed image to insert into: insertion starts from the next baseline (and is
+    empty, with an empty insertion_baseline, when ROAD is the only one)."""
+    net = ThreeConvs().eval()
+    model = _model(net, cam_layer="net.2")
+    x = _x(8)
+    les = _lesion()
+    kw = dict(methods=("gradcampp",), n_samples=1, steps=2, random_orders=1, margin_mm=2.0,
+              checks=("deletion",))
+    for bases, expect in ((("road", "background"), "background"), (("road",), "")):
+        rows, curves, _ = check_lesions(model, x, [les], [1], ["TP"], (1, 1, 1),
+                                        CheckConfig(baselines=bases, **kw), cam_layer="net.2",
+                                        threshold=0.5)
+        (row,) = rows
+        assert row["insertion_baseline"] == expect
+        assert np.isfinite(row["insertion"]) == bool(expect)
+        assert any(c["check"] == "insertion_background" for c in curves) == bool(expect)
+
+
 def test_bad_check_config_is_refused():
     with pytest.raises(InputError, match="unknown check"):
         CheckConfig(checks=("sanity",)).validate()

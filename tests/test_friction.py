@@ -920,3 +920,39 @@ def test_max_instances_zero_refused_before_the_prediction(synth, tmp_path, capsy
     with pytest.raises(InputError, match="--max-instances must be at least 1"):
         ExplainConfig(max_instances=0).validate()
     ExplainConfig(max_instances=1).validate()
+
+
+def test_check_refuses_inputs_changed_since_explain_and_context_alone_needs_no_maps(
+        synth, tmp_path, capsys):
+    """check compares the inputs' SHA256 with run.json (fresh user: a FLAIR overwritten by
+    another image was checked silently); `--checks context` alone computes no saliency maps;
+    checks.json records the inputs."""
+    import shutil
+
+    d = tmp_path / "in"
+    d.mkdir()
+    fl, t1 = shutil.copy(synth["flair"], d / "flair.nii.gz"), shutil.copy(synth["t1"],
+                                                                             d / "t1.nii.gz")
+    run = tmp_path / "run"
+    assert _explain(synth, run, flair=fl, t1=t1) == 0
+    argv = ["check", str(run), "--checks", "context", "--context-mm", "0:2:2", "--quiet",
+            "--no-figures"]
+    assert cli.main(argv) == 0
+    info = json.loads((run / "checks.json").read_text())
+    assert info["cost"]["maps_s"] == 0.0
+    from instance_saliency import datasets
+
+    assert info["inputs"]["FLAIR"]["sha256"] == datasets.sha256sum(fl)
+    shutil.copy(synth["t1"], fl)  # the FLAIR file now holds the T1 image
+    capsys.readouterr()
+    assert cli.main([*argv, "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "['FLAIR']" in err[0] and "changed since explain ran" in err[0]
+    # the earlier results stay
+    assert json.loads((run / "checks.json").read_text()) == info
+
+
+def test_reversed_context_range_says_what_is_wrong(capsys, tmp_path):
+    assert cli.main(["check", str(tmp_path), "--context-mm", "4:0:1"]) == 2
+    err = capsys.readouterr().err
+    assert "needs stop >= start and step > 0, got '4:0:1'" in err

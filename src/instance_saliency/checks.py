@@ -87,7 +87,9 @@ class CheckConfig:
     random_orders : int
         Random-order seeds for the deletion reference.
     baselines : tuple of str
-        Deletion baselines (:data:`BASELINES`); insertion uses the first. Default the
+        Deletion baselines (:data:`BASELINES`); insertion uses the first that is not
+        ``road`` (ROAD imputes removed voxels from kept ones: there is no fixed image to
+        insert into; with ``road`` alone there is no insertion curve). Default the
         background value only: ``road`` adds one sparse Laplace solve and a distinct input per
         step and order (about twice the deletion cost), ``blur`` a distinct input per step.
     blur_sigma_mm, road_noise : float
@@ -673,7 +675,8 @@ def check_lesions(model, x: np.ndarray, lesions: Sequence[np.ndarray], labels: S
     base = {lab: {"label": int(lab), "status": st, "voxels": int(m.sum())}
             for lab, st, m in zip(labels, statuses, lesions)}
     t0 = time.time()
-    maps0 = compute_maps(model, xt, targets, methods, grid, cam_layer, cfg) if targets else {}
+    need_maps = bool(targets) and bool({"randomisation", "deletion"} & set(cfg.checks))
+    maps0 = compute_maps(model, xt, targets, methods, grid, cam_layer, cfg) if need_maps else {}
     cost["maps_s"] = round(time.time() - t0, 2)
     pred = LocalPredictor(model.network, grid, model.lesion_class, threshold, cfg.sw_batch_size)
     bg = background_values(x)  # each channel's value outside the brain (deletion, context)
@@ -755,16 +758,18 @@ def check_lesions(model, x: np.ndarray, lesions: Sequence[np.ndarray], labels: S
                                        "x": k / cfg.steps, "x_name": "fraction removed",
                                        "value": float(dk[k])})
             b0 = cfg.baselines[0]
+            # insertion needs a fixed image to start from: the first baseline that is not ROAD
+            b_ins = next((b for b in cfg.baselines if b != "road"), None)
             ins = {}
-            if b0 != "road":
+            if b_ins is not None:
                 for name, order in orders.items():
-                    tk, _ = perturbation_curve(pred, x, les, order, cfg.steps, bases[b0],
+                    tk, _ = perturbation_curve(pred, x, les, order, cfg.steps, bases[b_ins],
                                                reduction, insertion=True, windows=ws,
-                                               cache=shared, cache_key=b0)
-                    ins[name] = insertion_score(tk, float(res[(b0, name)][0][0]))
+                                               cache=shared, cache_key=b_ins)
+                    ins[name] = insertion_score(tk, float(res[(b_ins, name)][0][0]))
                     for k in range(len(tk)):
                         curves.append({"label": int(lab), "method": name,
-                                       "check": f"insertion_{b0}", "variant": "target",
+                                       "check": f"insertion_{b_ins}", "variant": "target",
                                        "x": k / cfg.steps, "x_name": "fraction restored",
                                        "value": float(tk[k])})
             for name in orders:
@@ -783,6 +788,7 @@ def check_lesions(model, x: np.ndarray, lesions: Sequence[np.ndarray], labels: S
                     row[f"lost_at_fraction_{b}"] = (float(lost[0] / cfg.steps) if len(lost)
                                                     else float("nan"))
                 row["insertion"] = ins.get(name, float("nan"))
+                row["insertion_baseline"] = b_ins or ""
                 rows.append(row)
         cost["deletion_s"] = round(time.time() - t0, 2)
         cost["deletion_windows"] = pred.forwards - f0
@@ -881,6 +887,15 @@ def run_checks(run_dir: str | Path, cfg: CheckConfig | None = None, *, model=Non
     missing = [c for c, p in roles.items() if not p or not Path(p).is_file()]
     if missing:
         raise InputError(f"{rj}: input image(s) {missing} not found at the recorded paths")
+    from . import datasets
+
+    recorded = {c: inputs.get(c.lower(), inputs.get({"MPRAGE": "mprage"}.get(c, c), {}))
+                .get("sha256") for c in channels}
+    changed = [c for c, h in recorded.items() if h and datasets.sha256sum(roles[c]) != h]
+    if changed:
+        raise InputError(f"input image(s) {changed} of {run_dir} changed since explain ran "
+                         "(SHA256 differs from run.json): the checks would not test these "
+                         "maps; re-run explain first")
     subj = load_images([roles[c] for c in channels], channels, None)
     labels_img = np.asarray(nib.load(str(run_dir / "instances.nii.gz")).dataobj)
     table = pd.read_csv(run_dir / "instances.csv")
@@ -917,6 +932,7 @@ def run_checks(run_dir: str | Path, cfg: CheckConfig | None = None, *, model=Non
     atomic_write_text(run_dir / "checks.csv", df.to_csv(index=False))
     atomic_write_text(run_dir / "check_curves.csv", cv.to_csv(index=False))
     summary = {"config": asdict(cfg), "model": _model_record(model, run), "lesions": labels,
+               "inputs": {c: {"path": roles[c], "sha256": recorded[c]} for c in channels},
                "cost": cost,
                "explain_total_s": run.get("timings_s", {}).get("total_s"),
                "summary": summarise(df)}
@@ -956,9 +972,13 @@ def summarise(df) -> dict:
     for (check, method), g in df.groupby(["check", "method"]):
         d = out.setdefault(check, {}).setdefault(method, {"lesions": int(len(g))})
         for col in g.columns:
-            if col in ("label", "status", "voxels", "method", "check", "stages"):
+            if col in ("label", "status", "voxels", "method", "check", "stages",
+                       "insertion_baseline"):
                 continue
-            v = g[col].astype(float)
+            try:
+                v = g[col].astype(float)
+            except (TypeError, ValueError):  # a text column
+                continue
             if v.notna().any():
                 d[f"median_{col}"] = float(v.median())
     return out

@@ -509,13 +509,15 @@ def _float_list(text: str, name: str) -> tuple:
     try:
         if ":" in text:
             a, b, c = (float(v) for v in text.split(":"))
-            if c <= 0 or b < a:
-                raise ValueError
-            return tuple(float(v) for v in np.arange(a, b + c / 2, c))
-        return tuple(float(v) for v in text.split(",") if v.strip())
+        else:
+            return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise InputError(f"{name} must be comma-separated numbers or start:stop:step, "
                          f"got {text!r}") from None
+    if not (c > 0 and b >= a):
+        raise InputError(f"{name} start:stop:step needs stop >= start and step > 0, "
+                         f"got {text!r}")
+    return tuple(float(v) for v in np.arange(a, b + c / 2, c))
 
 
 def cmd_check(a) -> int:

@@ -109,7 +109,15 @@ def write_checks_report(run_dir, rows, curves, summary) -> Path:
     if "context" in checks:
         figs.append(("Context experiment (seed paper): Dice against context kept",
                      context_figure(curves, figdir / "checks_context.png"), "Context"))
+    cfg = summary.get("config", {})
+    model = summary.get("model", {}) or {}
     head = {"lesions checked": len(summary.get("lesions", [])),
+            "model": {k: model[k] for k in ("folder", "members", "members_trained_on")
+                      if model.get(k)},
+            "settings": {k: cfg[k] for k in ("checks", "methods", "n_samples", "margin_mm",
+                                             "stages", "independent", "steps", "random_orders",
+                                             "baselines", "context_mm", "detect_fraction",
+                                             "max_lesions", "seed") if k in cfg},
             "cost (s)": summary.get("cost", {}),
             "explain run time (s)": summary.get("explain_total_s")}
     return write_report(run_dir / "checks.html", "instance-saliency: per-lesion checks", head,
