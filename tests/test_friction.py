@@ -422,6 +422,14 @@ def test_expected_time_follows_the_windows_the_lesions_touch():
     assert t10["smoothgrad"] == pytest.approx(_COST_SMOOTHGRAD * 4 * 11)
     assert expected_seconds(2, 27.0, ExplainConfig(), [[0, 1], [1]], 27)["smoothgrad"] \
         == pytest.approx(t["smoothgrad"] * 50 / 4)
+    # without figures, writing costs far less per lesion
+    from instance_saliency.explain import _COST_WRITE_NO_FIGURES_S, _COST_WRITE_S
+
+    assert t["write"] == pytest.approx(2 * _COST_WRITE_S)
+    nofig = expected_seconds(2, 27.0, ExplainConfig(n_samples=4, figures=False), [[0, 1], [1]],
+                             27)
+    assert nofig["write"] == pytest.approx(2 * _COST_WRITE_NO_FIGURES_S)
+    assert nofig["write"] < t["write"]
     # patch mode / no window list: one window per lesion
     assert expected_seconds(3, 6.0, cfg)["gradcampp"] == pytest.approx(_COST_GRADCAMPP * 2 * 6)
 
@@ -956,3 +964,16 @@ def test_reversed_context_range_says_what_is_wrong(capsys, tmp_path):
     assert cli.main(["check", str(tmp_path), "--context-mm", "4:0:1"]) == 2
     err = capsys.readouterr().err
     assert "needs stop >= start and step > 0, got '4:0:1'" in err
+
+
+def test_train_accepts_public_subject_names_in_any_case(tmp_path):
+    """`train --train-subjects PATIENT19` is patient19 (cohort and the held-out members
+    already compare names case-insensitively); an unknown name is still one line."""
+    from instance_saliency import datasets
+    from instance_saliency.errors import DataError
+
+    assert datasets.canonical_subject("PATIENT19") == "patient19"
+    assert datasets.canonical_subject("p39") == "P39"
+    with pytest.raises(DataError, match="unknown subject 'p40'"):
+        datasets.canonical_subject("p40")
+    assert cli.main(["train", "--train-subjects", "p40", "--out", str(tmp_path / "m")]) == 2

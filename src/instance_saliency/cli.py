@@ -111,6 +111,11 @@ def cmd_train(a) -> int:
     if ((out / CONFIG_NAME).exists() or (out / WEIGHTS_NAME).exists()) and not a.overwrite:
         raise OutputError(f"output folder {out} already holds a trained model; use --overwrite "
                           f"to replace")
+    from . import datasets
+
+    # public names in the registry's spelling, so that config.json's trained_on matches them
+    a.train_subjects = [datasets.canonical_subject(n) for n in a.train_subjects]
+    a.val_subjects = [datasets.canonical_subject(n) for n in a.val_subjects]
     tr = [_subject_from_args(n, a.data_dir) for n in a.train_subjects]
     va = [_subject_from_args(n, a.data_dir) for n in a.val_subjects]
     names = list(a.train_subjects)

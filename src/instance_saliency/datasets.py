@@ -158,10 +158,24 @@ def subject_key(name) -> str:
     return str(name).casefold()
 
 
+def canonical_subject(name: str) -> str:
+    """The registry's spelling of a public subject name given in any case (``p39`` → ``P39``).
+
+    Raises
+    ------
+    DataError
+        Not a public subject of :data:`SUBJECTS`.
+    """
+    for known in SUBJECTS:
+        if subject_key(known) == subject_key(name):
+            return known
+    raise DataError(f"unknown subject {name!r}; known: {', '.join(SUBJECTS)}")
+
+
 def fetch_subject(name: str = DEMO_SUBJECT, data_dir_: str | os.PathLike | None = None
                   ) -> dict[str, Path]:
-    """Verified paths ``{"flair", "mprage", "mask"}`` of a public subject (see :data:`SUBJECTS`)."""
-    if name not in SUBJECTS:
-        raise DataError(f"unknown subject {name!r}; known: {', '.join(SUBJECTS)}")
+    """Verified paths ``{"flair", "mprage", "mask"}`` of a public subject (see :data:`SUBJECTS`;
+    the name in any case)."""
+    name = canonical_subject(name)
     s = SUBJECTS[name]
     return {k: fetch(getattr(s, k), data_dir_) for k in ("flair", "mprage", "mask")}
