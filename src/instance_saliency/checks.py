@@ -91,7 +91,8 @@ class CheckConfig:
         ``road`` (ROAD imputes removed voxels from kept ones: there is no fixed image to
         insert into; with ``road`` alone there is no insertion curve). Default the
         background value only: ``road`` adds one sparse Laplace solve and a distinct input per
-        step and order (about twice the deletion cost), ``blur`` a distinct input per step.
+        step and order (with the defaults 25 inputs per lesion to the default's 34), ``blur``
+        a distinct input per step and order.
     blur_sigma_mm, road_noise : float
         Blur baseline σ (mm); ROAD noise (fraction of the channel's standard deviation).
     detect_fraction : float

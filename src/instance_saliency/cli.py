@@ -808,7 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
                     f"{cd.random_orders})")
     ck.add_argument("--baselines", default=",".join(cd.baselines),
                     help="deletion baselines from background,blur,road (default "
-                    "background; insertion uses the first; road about doubles the deletion cost)")
+                    "background; insertion uses the first that is not road; road adds about 75 %% to the "
+                    "deletion's window passes)")
     ck.add_argument("--context-mm", default="0:15:1",
                     help="context shells in mm, comma-separated or start:stop:step "
                     "(default 0:15:1)")
