@@ -47,3 +47,22 @@ class Detector(torch.nn.Module):
 
     def forward(self, x):
         return self.head(self.act(self.features(x)))
+
+
+def save_fold_ensemble(root: Path, make_module, architecture: str, folds: dict) -> Path:
+    """A shipped-style ensemble folder: one checkpoint per fold (``folds``: member name ->
+    the scans it trained on) under ``root`` and a top ``config.json`` naming the members and
+    the union of their training scans. ``make_module()`` builds each member's network."""
+    import json
+
+    from instance_saliency.models import ModelConfig, save_checkpoint
+
+    for name, seen in folds.items():
+        save_checkpoint(root / name, make_module(),
+                        ModelConfig(architecture, roi_size=[16, 16, 16], trained_on=list(seen)))
+    first = next(iter(folds))
+    top = json.loads((root / first / "config.json").read_text())
+    union = [s for seen in folds.values() for s in seen]
+    top.update(members=list(folds), trained_on=list(dict.fromkeys(union)))
+    (root / "config.json").write_text(json.dumps(top))
+    return root

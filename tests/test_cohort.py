@@ -22,6 +22,7 @@ from instance_saliency.models import ModelConfig, save_checkpoint
 
 # Lesion logit = 4 · mean FLAIR (3^3) − 6: bright FLAIR blobs become lesions.
 from _helpers import Detector as BlobDetector
+from _helpers import save_fold_ensemble
 
 N = 24
 CFG = dict(methods=("smoothgrad",), n_samples=1, figures=False)
@@ -342,14 +343,8 @@ def test_training_scans_explained_by_the_members_that_never_saw_them(dataset, tm
     uses the whole model for everyone."""
     models.ARCHITECTURES["test_cohort_blob"] = BlobDetector
     try:
-        root = tmp_path / "ens"
-        for name, seen in (("fold_a", ["sub-01", "sub-03"]), ("fold_b", ["sub-02", "sub-03"])):
-            save_checkpoint(root / name, BlobDetector(),
-                            ModelConfig("test_cohort_blob", roi_size=[16, 16, 16],
-                                        trained_on=seen))
-        top = json.loads((root / "fold_a" / "config.json").read_text())
-        top.update(members=["fold_a", "fold_b"], trained_on=["sub-01", "sub-02", "sub-03"])
-        (root / "config.json").write_text(json.dumps(top))
+        root = save_fold_ensemble(tmp_path / "ens", BlobDetector, "test_cohort_blob",
+                                  {"fold_a": ["sub-01", "sub-03"], "fold_b": ["sub-02", "sub-03"]})
         out = tmp_path / "cohort"
         lines = []
         cohort.run_cohort(dataset, out, ExplainConfig(**CFG), model_dir=root, progress=False,

@@ -753,21 +753,15 @@ def test_same_file_for_two_channels_warns_in_one_line(synth, tmp_path, capsys):
 def test_training_scan_names_match_case_insensitively(synth, tmp_path):
     """p39 is P39: members that trained on a subject are left out, and the cohort's held-out
     rule and the SHA256 warning see it, whatever the case of either name."""
-    from _helpers import DATA, Detector
+    from _helpers import DATA, Detector, save_fold_ensemble
 
     from instance_saliency import cohort, datasets
     from instance_saliency.explain import ExplainConfig
     from instance_saliency.input_checks import training_scan_warning
-    from instance_saliency.models import ModelConfig, load_checkpoint_model, save_checkpoint
+    from instance_saliency.models import load_checkpoint_model
 
-    root = tmp_path / "ens"
-    for name, seen in (("fold_a", ["P39", "patient07"]), ("fold_b", ["p18"])):
-        save_checkpoint(root / name, Detector(),
-                        ModelConfig("test_friction_detector", roi_size=[16, 16, 16],
-                                    trained_on=seen))
-    top = json.loads((root / "fold_a" / "config.json").read_text())
-    top.update(members=["fold_a", "fold_b"], trained_on=["P39", "patient07", "p18"])
-    (root / "config.json").write_text(json.dumps(top))
+    root = save_fold_ensemble(tmp_path / "ens", Detector, "test_friction_detector",
+                              {"fold_a": ["P39", "patient07"], "fold_b": ["p18"]})
     m = load_checkpoint_model(root, exclude_subjects=["p39"])
     assert [u["member"] for u in m.info["members_trained_on"]] == ["fold_b"]
     assert m.info["excluded_subjects"] == ["p39"]
@@ -787,19 +781,12 @@ def test_training_scan_names_match_case_insensitively(synth, tmp_path):
 
 
 def test_checks_json_records_the_model_members(synth, tmp_path):
-    from _helpers import Detector
+    from _helpers import Detector, save_fold_ensemble
 
     from instance_saliency.checks import CheckConfig, run_checks
-    from instance_saliency.models import ModelConfig, save_checkpoint
 
-    root = tmp_path / "ens"
-    for name in ("fold_a", "fold_b"):
-        save_checkpoint(root / name, Detector(),
-                        ModelConfig("test_friction_detector", roi_size=[16, 16, 16],
-                                    trained_on=[f"scan-{name[-1]}"]))
-    top = json.loads((root / "fold_a" / "config.json").read_text())
-    top.update(members=["fold_a", "fold_b"], trained_on=["scan-a", "scan-b"])
-    (root / "config.json").write_text(json.dumps(top))
+    root = save_fold_ensemble(tmp_path / "ens", Detector, "test_friction_detector",
+                              {"fold_a": ["scan-a"], "fold_b": ["scan-b"]})
     run = tmp_path / "run"
     assert cli.main(["explain", "--flair", str(synth["flair"]), "--mprage", str(synth["t1"]),
                      "--model", str(root), "--out", str(run), *FAST]) == 0
