@@ -679,13 +679,22 @@ def test_check_end_to_end_with_max_lesions(synth, tmp_path):
     pred = table[table["source"] == "pred"]
     assert len(pred) >= 2
     largest = int(pred.sort_values(["voxels", "label"], ascending=[False, True])["label"].iloc[0])
-    argv = ["check", str(run), "--checks", "deletion,context", "--methods", "smoothgrad",
-            "--n-samples", "1", "--steps", "2", "--random-orders", "1", "--baselines",
-            "background", "--context-mm", "0:4:2", "--max-lesions", "1", "--quiet"]
+    argv = ["check", str(run), "--checks", "randomisation,deletion,context", "--methods",
+            "smoothgrad", "--n-samples", "1", "--stages", "1", "--steps", "2",
+            "--random-orders", "1", "--baselines", "background", "--context-mm", "0:4:2",
+            "--max-lesions", "1", "--quiet"]
     assert cli.main(argv) == 0
     rows = pd.read_csv(run / "checks.csv")
     assert set(rows["label"]) == {largest}
-    assert set(rows["check"]) <= {"deletion", "context"} and "deletion" in set(rows["check"])
+    assert set(rows["check"]) <= {"randomisation", "deletion", "context"}
+    assert {"randomisation", "deletion"} <= set(rows["check"])
+    header = (run / "checks.csv").read_text().splitlines()[0].split(",")
+    r_line = next(ln for ln in (run / "checks.csv").read_text().splitlines()
+                  if ",randomisation," in ln).split(",")
+    assert r_line[header.index("stages")] == "1"  # an integer, not 1.0
+    if "recovery_mm" in header:  # context columns in the README's order
+        assert header.index("recovery_mm") < header.index("dice_at_0") \
+            < header.index("dice_at_max")
     assert json.loads((run / "checks.json").read_text())["lesions"] == [largest]
     assert (run / "checks.html").is_file()
     assert cli.main(argv) == 2

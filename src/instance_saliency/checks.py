@@ -810,8 +810,8 @@ def check_lesions(model, x: np.ndarray, lesions: Sequence[np.ndarray], labels: S
                                    "variant": var, "x": d, "x_name": "shell mm",
                                    "value": float(cc[var][k])})
             rows.append({**base[lab], "method": "model", "check": "context",
-                         "recovery_mm": rec, "dice_at_max": float(cc["dice"][-1]),
-                         "dice_at_0": float(cc["dice"][0])})
+                         "recovery_mm": rec, "dice_at_0": float(cc["dice"][0]),
+                         "dice_at_max": float(cc["dice"][-1])})
         cost["context_s"] = round(time.time() - t0, 2)
         cost["context_windows"] = pred.forwards - f0
     n = max(len(labels), 1)
@@ -929,6 +929,8 @@ def run_checks(run_dir: str | Path, cfg: CheckConfig | None = None, *, model=Non
         reduction=params.get("reduction", "sum"), progress=log)
     cost["total_s"] = round(time.time() - t0, 2)
     df = pd.DataFrame(rows)
+    if "stages" in df.columns:  # an integer, empty on the rows of other checks
+        df["stages"] = df["stages"].astype("Int64")
     cv = pd.DataFrame(curves)
     atomic_write_text(run_dir / "checks.csv", df.to_csv(index=False))
     atomic_write_text(run_dir / "check_curves.csv", cv.to_csv(index=False))
