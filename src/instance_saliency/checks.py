@@ -883,16 +883,16 @@ def run_checks(run_dir: str | Path, cfg: CheckConfig | None = None, *, model=Non
             model = load_checkpoint_model(spec, "cpu", opts["mirroring"], excluded)
         else:
             model = load_model(spec, "cpu", **opts)
-    roles = {c: inputs.get(c.lower(), inputs.get({"MPRAGE": "mprage"}.get(c, c), {})).get("path")
-             for c in channels}
+    recorded = {c: inputs.get(c.lower(), inputs.get({"MPRAGE": "mprage"}.get(c, c), {}))
+                for c in channels}  # run.json's entry (path, sha256) of each channel
+    roles = {c: e.get("path") for c, e in recorded.items()}
     missing = [c for c, p in roles.items() if not p or not Path(p).is_file()]
     if missing:
         raise InputError(f"{rj}: input image(s) {missing} not found at the recorded paths")
     from . import datasets
 
-    recorded = {c: inputs.get(c.lower(), inputs.get({"MPRAGE": "mprage"}.get(c, c), {}))
-                .get("sha256") for c in channels}
-    changed = [c for c, h in recorded.items() if h and datasets.sha256sum(roles[c]) != h]
+    sha = {c: e.get("sha256") for c, e in recorded.items()}
+    changed = [c for c, h in sha.items() if h and datasets.sha256sum(roles[c]) != h]
     if changed:
         raise InputError(f"input image(s) {changed} of {run_dir} changed since explain ran "
                          "(SHA256 differs from run.json): the checks would not test these "
@@ -935,7 +935,7 @@ def run_checks(run_dir: str | Path, cfg: CheckConfig | None = None, *, model=Non
     atomic_write_text(run_dir / "checks.csv", df.to_csv(index=False))
     atomic_write_text(run_dir / "check_curves.csv", cv.to_csv(index=False))
     summary = {"config": asdict(cfg), "model": _model_record(model, run), "lesions": labels,
-               "inputs": {c: {"path": roles[c], "sha256": recorded[c]} for c in channels},
+               "inputs": {c: {"path": roles[c], "sha256": sha[c]} for c in channels},
                "cost": cost,
                "explain_total_s": run.get("timings_s", {}).get("total_s"),
                "summary": summarise(df)}
@@ -978,10 +978,7 @@ def summarise(df) -> dict:
             if col in ("label", "status", "voxels", "method", "check", "stages",
                        "insertion_baseline"):
                 continue
-            try:
-                v = g[col].astype(float)
-            except (TypeError, ValueError):  # a text column
-                continue
+            v = g[col].astype(float)
             if v.notna().any():
                 d[f"median_{col}"] = float(v.median())
     return out
