@@ -283,8 +283,7 @@ def cmd_predict(a) -> int:
     import torch
 
     from . import datasets
-    from .input_checks import (channel_order_check, identical_channels, identical_warning,
-                               swap_warning)
+    from .input_checks import check_inputs
     from .explain import (RUN_FILE, _networks_text, _versions, commit_output, prepare_output)
     from .inference import sliding_window_logits
     from .instances import connected_components
@@ -331,17 +330,9 @@ def cmd_predict(a) -> int:
     existing = [p for p in (mask_path, prob_path, run_path) if p.exists()]
     if existing and not a.overwrite:
         raise OutputError(f"{existing[0]} already exists; use --overwrite to replace")
-    check = channel_order_check(s.image, model.channels)
-    if swap_warning(check):
-        print(f"instance-saliency: warning: {swap_warning(check)}", file=sys.stderr)
-    same = identical_channels(s.image, model.channels, ordered)
-    if same:
-        print(f"instance-saliency: warning: {identical_warning(same)}", file=sys.stderr)
-    from .input_checks import training_scan_warning
-
-    seen = training_scan_warning(model, ordered)
-    if seen:
-        print(f"instance-saliency: warning: {seen}", file=sys.stderr)
+    input_record, input_warnings = check_inputs(s.image, model, ordered)
+    for w in input_warnings:
+        print(f"instance-saliency: warning: {w}", file=sys.stderr)
     print(f"predict: model {model.source}: {_networks_text(model)}")
     try:
         try:
@@ -383,7 +374,7 @@ def cmd_predict(a) -> int:
                         "shape": list(s.shape), "spacing_mm": list(s.spacing),
                         "orientation": s.orientation, "channels": list(model.channels)},
             "outputs": {"mask": mask_path.name, "probability": prob_path.name},
-            "checks": {"channel_order": check, "identical_channels": same},
+            "checks": input_record,
             "versions": _versions(), "timings_s": {"total_s": round(time.time() - t_all, 2)},
         }
         # each file is written atomically; the mask (the result) last

@@ -435,11 +435,10 @@ def _parameter_mismatch(run_file: Path, cfg: ExplainConfig, model_folder: str) -
 def _expected_exclusion(model, subject: str, include_training_scans: bool) -> list:
     """The ``excluded_subjects`` a subject's ``run.json`` records under the held-out rule of
     :func:`_held_out_models`: ``[subject]`` when some, but not all, members trained on it."""
-    from .datasets import subject_key
+    from .datasets import saw_any
 
     used = model.info.get("members_trained_on", []) if hasattr(model, "info") else []
-    saw = [subject_key(subject) in {subject_key(t) for t in u.get("trained_on", [])}
-           for u in used]
+    saw = [saw_any(u.get("trained_on"), [subject]) for u in used]
     if include_training_scans or getattr(model, "kind", "") != "checkpoint" or not any(saw) \
             or all(saw):
         return []
@@ -450,18 +449,18 @@ def _held_out_models(model, model_dir, config: ExplainConfig, include_training_s
                      log):
     """``subject -> model``: the members of a checkpoint ensemble that did not train on the
     subject (cached per subject; names compared case-insensitively), else ``model``."""
-    from .datasets import subject_key
+    from .datasets import saw_any
     from .errors import ModelError
     from .models import load_model
 
-    trained = {subject_key(s_) for m in model.info.get("members_trained_on", [])
-               for s_ in m.get("trained_on", [])}
+    trained = [s_ for m in model.info.get("members_trained_on", [])
+               for s_ in m.get("trained_on", [])]
     cache: dict = {}
     warned: set = set()
 
     def model_for(subject: str):
         if include_training_scans or getattr(model, "kind", "") != "checkpoint" \
-                or subject_key(subject) not in trained:
+                or not saw_any(trained, [subject]):
             return model
         if subject not in cache:
             try:

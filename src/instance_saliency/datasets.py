@@ -158,6 +158,13 @@ def subject_key(name) -> str:
     return str(name).casefold()
 
 
+def saw_any(trained_on, subjects) -> bool:
+    """Whether a model (member) whose training scans are ``trained_on`` saw any of
+    ``subjects``, names compared by :func:`subject_key` (case-insensitive)."""
+    keys = {subject_key(s) for s in subjects}
+    return any(subject_key(t) in keys for t in trained_on or ())
+
+
 def canonical_subject(name: str) -> str:
     """The registry's spelling of a public subject name given in any case (``p39`` → ``P39``).
 

@@ -494,18 +494,11 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
     stage = prepare_output(out, overwrite, inputs)
     for w in model.warnings if loaded_here else ():
         log(f"warning: {w}")
-    from .input_checks import (channel_order_check, identical_channels, identical_warning,
-                               swap_warning, training_scan_warning)
+    from .input_checks import check_inputs
 
-    order_check = channel_order_check(subj.image, model.channels)
-    if swap_warning(order_check):
-        log(f"warning: {swap_warning(order_check)}")
-    same = identical_channels(subj.image, model.channels, ordered)
-    if same:
-        log(f"warning: {identical_warning(same)}")
-    seen = training_scan_warning(model, ordered)
-    if seen:
-        log(f"warning: {seen}")
+    input_record, input_warnings = check_inputs(subj.image, model, ordered)
+    for w in input_warnings:
+        log(f"warning: {w}")
     log(run_plan(cfg, model, cam_layer))
     try:
         t0 = time.time()
@@ -731,7 +724,7 @@ def explain(flair: str | os.PathLike | None, mprage: str | os.PathLike | None,
             run["no_saliency_outside_network_region"] = outside
         if lost:
             run["no_saliency_lost_in_resampling"] = lost
-        run["checks"] = {"channel_order": order_check, "identical_channels": same}
+        run["checks"] = input_record
         if flagger is not None:
             run["flagger"] = {"path": str(Path(cfg.flagger).resolve()),
                               "sha256": datasets.sha256sum(cfg.flagger),

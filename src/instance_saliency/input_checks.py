@@ -35,7 +35,7 @@ import numpy as np
 
 from .models.channels import canonical
 
-__all__ = ["channel_order_check", "identical_channels", "MODE_MARGIN"]
+__all__ = ["channel_order_check", "check_inputs", "identical_channels", "MODE_MARGIN"]
 
 #: the FLAIR peak must lie this much (fraction of the 2-98 % range) above the T1 peak to count
 MODE_MARGIN = 0.05
@@ -142,6 +142,33 @@ def identical_warning(pairs: list) -> str | None:
             f"channel its own image (--flair/--mprage or --image NAME=FILE)")
 
 
+def check_inputs(image: np.ndarray, model, paths) -> tuple[dict, list[str]]:
+    """Every input check of this module on one subject, as ``explain`` and ``predict`` run
+    them before any work.
+
+    Parameters
+    ----------
+    image : ndarray, shape (C, X, Y, Z)
+        Raw intensities, in the order of ``model.channels``.
+    model : SegmentationModel
+    paths : sequence of path
+        The input files, in the same order.
+
+    Returns
+    -------
+    record : dict
+        ``{"channel_order": ..., "identical_channels": ...}`` for ``run.json``'s ``checks``.
+    warnings : list of str
+        One line each (swapped channels, identical channels, a public training scan), in
+        that order; empty when nothing is suspected.
+    """
+    order = channel_order_check(image, model.channels)
+    same = identical_channels(image, model.channels, paths)
+    lines = [swap_warning(order), identical_warning(same), training_scan_warning(model, paths)]
+    return ({"channel_order": order, "identical_channels": same},
+            [w for w in lines if w])
+
+
 def swap_warning(check: dict | None) -> str | None:
     """The one-line warning for a suspected swap (None when nothing is suspected); the
     channels are named as the model names them."""
@@ -186,8 +213,8 @@ def training_scan_warning(model, paths) -> str | None:
             continue
         subject = next((n for n, f in datasets.SUBJECTS.items()
                         if rel in (f.flair, f.mprage, f.mask)), None)
-        saw = [u["member"] for u in used if subject and datasets.subject_key(subject)
-               in {datasets.subject_key(t) for t in (u.get("trained_on") or [])}]
+        saw = [u["member"] for u in used if subject
+               and datasets.saw_any(u.get("trained_on"), [subject])]
         if subject and saw:
             return (f"{path} is the public scan {subject}, a training scan of model member(s) "
                     f"{', '.join(saw)}: its TP/FP/FN are not held-out figures (cohort and the "

@@ -248,13 +248,9 @@ def load_checkpoint_model(folder: str | os.PathLike | None = None,
     if not isinstance(cfg.channels, list) or not cfg.channels or len(cfg.channels) != n_in:
         raise ModelError(f"{cfg_path} declares {len(cfg.channels or [])} input channel(s) "
                          f"{cfg.channels}, but its network takes {n_in}")
-    from ..datasets import subject_key
+    from ..datasets import saw_any
 
     excluded = {str(s_) for s_ in exclude_subjects}
-    excluded_keys = {subject_key(s_) for s_ in excluded}
-
-    def saw_excluded(trained_on) -> bool:
-        return any(subject_key(t) in excluded_keys for t in trained_on)
     used_on: list = []
     landmarks = cfg.landmarks
     if cfg.members:
@@ -272,7 +268,7 @@ def load_checkpoint_model(folder: str | os.PathLike | None = None,
             for key in keys:
                 if getattr(mcfg, key) != getattr(cfg, key):
                     raise ModelError(f"ensemble member {sub} differs from {cfg_path} in {key!r}")
-            if saw_excluded(mcfg.trained_on):
+            if saw_any(mcfg.trained_on, excluded):
                 continue
             used_on.append({"member": str(name), "trained_on": list(mcfg.trained_on)})
             nets.append((str(name), _load_network(sub, mcfg, sub / CONFIG_NAME).to(device)))
@@ -290,7 +286,7 @@ def load_checkpoint_model(folder: str | os.PathLike | None = None,
                          else HistogramRemap(landmarks, lm).to(device))
                         for (n, net), lm in zip(nets, member_landmarks)]
     else:
-        if saw_excluded(cfg.trained_on):
+        if saw_any(cfg.trained_on, excluded):
             raise ModelError(f"{folder} was trained on {', '.join(sorted(excluded))}")
         nets = [("model", _load_network(folder, cfg, cfg_path).to(device))]
         used_on.append({"member": "model", "trained_on": list(cfg.trained_on)})
