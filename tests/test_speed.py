@@ -146,6 +146,93 @@ def test_fold_batchnorm_keeps_named_layer_and_monai_blocks():
     assert n_bn > 0
 
 
+# ------------------------------------------------------- sub-pixel transposed convolutions
+
+
+@pytest.mark.parametrize("k,s,p,op,size", [(3, 2, 1, 1, (5, 6, 4)), (2, 2, 0, 0, (4, 3, 5)),
+                                           (4, 2, 1, 0, (3, 4, 4)), (3, 3, 1, 2, (3, 2, 4))])
+def test_subpixel_transposed_convolution_equals_torch(k, s, p, op, size):
+    """The sub-pixel form of a transposed convolution (one ordinary convolution with s³·C_out
+    channels + pixel shuffle) gives F.conv_transpose3d's values and input gradients to float32
+    rounding, in channels-last memory, for several kernels, strides and paddings."""
+    from instance_saliency.saliency import _speed
+
+    torch.manual_seed(0)
+    ct = nn.ConvTranspose3d(5, 2, k, stride=s, padding=p, output_padding=op).eval()
+    for prm in ct.parameters():
+        prm.requires_grad_(False)
+    x = torch.randn((3, 5) + size, requires_grad=True)
+    ref = ct(x)
+    run = _speed.SubpixelConvTranspose3d(ct)
+    out = run(x)
+    assert out.shape == ref.shape
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert _rel(out.detach(), ref.detach()) < 1e-6
+    g = torch.randn_like(ref)
+    assert _rel(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0]) < 1e-6
+
+
+def test_subpixel_falls_back_where_it_does_not_apply():
+    """An output length that is not a multiple of the stride, weights that need gradients or
+    an input without gradients run the original module: the same values bit for bit."""
+    from instance_saliency.saliency import _speed
+
+    torch.manual_seed(1)
+    ct = nn.ConvTranspose3d(4, 2, 3, stride=2, padding=1)  # output 2n − 1: no sub-pixel form
+    x = torch.randn(2, 4, 5, 5, 5)
+    assert _speed.subpixel_plan(ct.weight.shape, ct.stride, ct.padding, ct.output_padding,
+                                x.shape[2:]) is None
+    assert torch.equal(_speed.SubpixelConvTranspose3d(ct)(x), ct(x))  # also: weights need grad
+    conv = nn.Conv3d(2, 6, 3, stride=2, padding=1)
+    x = torch.randn(2, 2, 8, 8, 8)
+    assert torch.equal(_speed.SubpixelGradConv3d(conv)(x), conv(x))
+
+
+@pytest.mark.parametrize("size", [(16, 12, 10), (15, 13, 11)])
+def test_subpixel_input_gradient_of_strided_convolution(size):
+    """A U-Net's first layer (stride 2, two input channels): the forward is the module's own,
+    bit for bit; its input gradient, a transposed convolution, in the sub-pixel form equals
+    autograd's to float32 rounding — for even sizes, and through the fallback for odd ones."""
+    from instance_saliency.saliency import _speed
+
+    torch.manual_seed(2)
+    conv = nn.Conv3d(2, 6, 3, stride=2, padding=1).eval()
+    for prm in conv.parameters():
+        prm.requires_grad_(False)
+    x = torch.randn((3, 2) + size, requires_grad=True)
+    ref, out = conv(x), _speed.SubpixelGradConv3d(conv)(x)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    assert _rel(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0]) < 1e-6
+
+
+def test_fast_networks_swaps_the_few_channel_ends_of_a_unet():
+    """Inside fast_networks a MONAI UNet's first convolution (2 input channels) and last
+    transposed convolution (2 output channels) run in the sub-pixel form, a layer named in
+    ``keep`` does not; input gradients equal the original network's to 1e-5; afterwards the
+    very same module objects are back."""
+    from instance_saliency.models import build_model
+    from instance_saliency.saliency._speed import (SubpixelConvTranspose3d,
+                                                   SubpixelGradConv3d, fast_networks)
+
+    torch.manual_seed(0)
+    net = _bn_stats(build_model("unet3d", channels=(4, 8, 16), strides=(2, 2)))
+    for prm in net.parameters():
+        prm.requires_grad_(False)
+    first, last = net.model[0].conv, net.model[2].conv
+    x = torch.randn(2, 2, 16, 16, 16, requires_grad=True)
+    g = torch.randn(2, 2, 16, 16, 16)
+    ref = torch.autograd.grad(net(x), x, g)[0]
+    with fast_networks(net):
+        assert isinstance(net.model[0].conv, SubpixelGradConv3d)
+        assert isinstance(net.model[2].conv, SubpixelConvTranspose3d)
+        assert _rel(torch.autograd.grad(net(x), x, g)[0], ref) < 1e-5
+    assert net.model[0].conv is first and net.model[2].conv is last
+    with fast_networks(net, keep=("model.2.conv",)):
+        assert net.model[2].conv is last
+    assert dict(net.named_modules())["model.2.conv"] is last
+
+
 # ------------------------------------------------------------------ fast path == legacy path
 
 
