@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -76,6 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exact-vs-captum", action="store_true",
                    help="also run bench_instance_saliency.py --k 8 --n 1 (Captum loop vs "
                         "exact mode) and print its RESULT line")
+    p.add_argument("--float64-check", action="store_true",
+                   help="for every SmoothGrad map where old and new differ by more than 1e-5, "
+                   "recompute that lesion with old float32, new float32 and a float64 reference "
+                   "(same noise) and print each one's difference to the reference")
     p.add_argument("--workdir", default=None, help="keep inputs and outputs here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -291,6 +296,10 @@ def run_worker(a, path: str, out: Path, inputs: dict, where: bool = False) -> di
 # comparisons
 
 
+#: the issue's tolerance for "the same maps" (max |a − b| / max |b| per map)
+TOLERANCE = 1e-5
+
+
 def compare_runs(d_old: Path, d_new: Path) -> dict:
     """Max abs / rel differences of the lesion maps and table numbers of two explain runs."""
     import nibabel as nib
@@ -310,6 +319,8 @@ def compare_runs(d_old: Path, d_new: Path) -> dict:
         num = float(np.abs(a - b).max()) if a.size else 0.0
         den = float(np.abs(b).max()) if b.size else 0.0
         out["maps"] += 1
+        if den > 0 and num / den > TOLERANCE:
+            out.setdefault("over", []).append((str(f), num / den))
         out["max_abs"] = max(out["max_abs"], num)
         out["max_rel"] = max(out["max_rel"], num / den if den > 0 else (0.0 if num == 0
                                                                          else float("inf")))
@@ -380,6 +391,76 @@ def print_shares(res: dict) -> None:
 # ------------------------------------------------------------------------------------------
 
 
+def float64_check(a, inputs: dict, run_dir: Path, over: list) -> None:
+    """Recompute the SmoothGrad maps listed in ``over`` (old vs new beyond the tolerance) for
+    their lesions alone: the previous path and the current one in float32, and a float64
+    reference (the network in float64, the same float32 noise tensors promoted exactly, the
+    gradient rounded to float32 at the input), and print each one's difference to the
+    reference. Where a PReLU pre-activation lies within float32 rounding of 0 in one noisy
+    copy, float32 cannot decide the kink and both paths may differ from the reference there."""
+    import copy
+    import json as _json
+
+    import nibabel as nib
+    import torch
+
+    from instance_saliency.io import load_images
+    from instance_saliency.models import load_model
+    from instance_saliency.models.base import as_module
+    from instance_saliency.saliency import _speed, smoothgrad
+    from instance_saliency.saliency.base import draw_noise, noise_sigma
+    from instance_saliency.targets import InstanceTarget
+
+    labels = sorted({int(re.search(r"lesion_(\d+)", f).group(1)) for f, _ in over
+                     if "smoothgrad" in f})
+    if not labels:
+        print("float64 check: no SmoothGrad map beyond the tolerance")
+        return
+    cfg = _json.loads((run_dir / "run.json").read_text())["parameters"]
+    m = load_model(a.model, "cpu")
+    subj = load_images([inputs["flair"], inputs["mprage"]], list(m.channels), None)
+    prep = m.prepare(subj.image, subj.spacing, affine=subj.affine)
+    lab = np.asarray(nib.load(str(run_dir / "instances.nii.gz")).dataobj)
+    grid = m.grid(prep.x.shape[1:])
+    x = torch.from_numpy(np.ascontiguousarray(prep.x, np.float32))
+    noise = torch.stack(list(draw_noise(tuple(x.shape), noise_sigma(x, cfg["noise_level"]),
+                                        cfg["n_samples"], cfg["seed"])))
+
+    class Float64(torch.nn.Module):
+        """float32 in and out, the network in float64 (kinks decided in float64)."""
+
+        def __init__(self, net):
+            super().__init__()
+            self.net = copy.deepcopy(net).double()
+
+        def forward(self, v):
+            return self.net(v.double()).float()
+
+    def maps(model, legacy):
+        _speed.LEGACY = legacy
+        try:
+            targets = [InstanceTarget(prep.to_net(lab == k), m.lesion_class, cfg["reduction"])
+                       for k in labels]
+            res = smoothgrad(model, x, targets, mode="sliding", grid=grid, noise=noise,
+                             sw_batch_size=cfg["sw_batch_size"])
+        finally:
+            _speed.LEGACY = False
+        return [np.asarray(r.maps["mean"].to_dense(), np.float64) for r in res]
+
+    old, new, ref = maps(m, True), maps(m, False), maps(Float64(as_module(m)), True)
+    print(f"float64 check (SmoothGrad, N = {cfg['n_samples']}, each lesion alone, the same "
+          f"noise; per map max |a - b| / max |reference|, voxels beyond {TOLERANCE:g}):")
+    for k, o, n, r in zip(labels, old, new, ref):
+        scale = float(np.abs(r).max())
+
+        def d(u, v):
+            diff = np.abs(u - v) / scale
+            return f"{diff.max():.2e} ({int((diff > TOLERANCE).sum())} voxels)"
+
+        print(f"  lesion {k:03d}: previous float32 vs float64 {d(o, r)}; current float32 vs "
+              f"float64 {d(n, r)}; current vs previous {d(n, o)}", flush=True)
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.worker:
@@ -430,6 +511,10 @@ def main(argv=None) -> int:
               f"{diff['max_abs']:.3e}; max relative (per map max|a-b|/max|b|) = "
               f"{diff['max_rel']:.3e}; instances_full.csv numbers max relative "
               f"{diff['table_max_rel']:.3e}; same files and rows: {diff['same_files']}")
+        for f, rel in diff.get("over", []):
+            print(f"  beyond {TOLERANCE:g}: {f} ({rel:.2e})")
+        if a.float64_check and diff.get("over"):
+            float64_check(a, inputs, wd / "out_new_0", diff["over"])
         result = {"speedup": np.median(walls), "cpu_speedup": np.median(cpus),
                   "max_abs_diff": diff["max_abs"], "max_rel_diff": diff["max_rel"]}
     if a.exact_vs_captum:
