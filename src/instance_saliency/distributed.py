@@ -5,8 +5,9 @@ process per rank and tells each, in its environment, ``RANK`` (0 .. WORLD_SIZE -
 nodes), ``WORLD_SIZE``, ``LOCAL_RANK`` (0 .. G - 1 on its node) and ``MASTER_ADDR`` /
 ``MASTER_PORT`` (where the ranks meet). :class:`World` reads them (one process without them),
 :meth:`World.device` maps ``--device cuda`` to the rank's GPU ``cuda:LOCAL_RANK``, and
-:func:`process_group` opens (and at the end closes) the ``torch.distributed`` process group with
-a timeout, so that no rank waits forever for another.
+:func:`process_group` opens the ``torch.distributed`` process group with a timeout, so that no
+rank waits forever for another, and keeps it open for later calls in the same process (closed
+at exit).
 
 The timeout of every wait (joining, barriers, gathers) is ``INSTANCE_SALIENCY_DIST_TIMEOUT``
 seconds when that variable is set, else the caller's default (``cohort``: one day, since ranks
@@ -17,6 +18,7 @@ its node; on other nodes the broken connection ends their waits.
 
 from __future__ import annotations
 
+import atexit
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -261,7 +263,8 @@ def _wait_error(world: World, what: str, e: Exception) -> DistributedError:
 @contextmanager
 def process_group(world: World, device: str = "cpu", timeout: float = 1800.0,
                   backend: str | None = None):
-    """Open the ``torch.distributed`` process group of ``world`` and close it at the end.
+    """The ``torch.distributed`` process group of ``world``: opened on the first call and kept
+    open, for later calls in the same process, until the process exits.
 
     Parameters
     ----------
@@ -287,8 +290,13 @@ def process_group(world: World, device: str = "cpu", timeout: float = 1800.0,
 
     Notes
     -----
-    A group that was already open (a script that called ``init_process_group`` itself) is
-    used as it is and left open.
+    A group that is already open (opened by an earlier call, or by a script that called
+    ``init_process_group`` itself) is used as it is, with its backend and timeout. The group
+    is not closed and reopened between calls (two trainings in one ``torchrun`` launch):
+    torch names a reopened default group like the first one (its group counter restarts at 0
+    on ``destroy_process_group``), so the ranks' gloo rendezvous would read the first group's
+    addresses, still in torchrun's store, and some runs hung at the start of the second
+    training. :func:`_close_at_exit` closes it once, when the process ends.
     """
     if not world.distributed:
         yield Group(world)
@@ -320,7 +328,20 @@ def process_group(world: World, device: str = "cpu", timeout: float = 1800.0,
         msg = " ".join(str(e).split())[:300]
         raise DistributedError(f"{world}: cannot join the other ranks ({backend}): {msg}"
                                ) from None
-    try:
-        yield Group(world, backend, device if backend == "nccl" else "cpu")
-    finally:
+    global _CLOSE_REGISTERED
+    if not _CLOSE_REGISTERED:
+        atexit.register(_close_at_exit)
+        _CLOSE_REGISTERED = True
+    yield Group(world, backend, device if backend == "nccl" else "cpu")
+
+
+#: whether :func:`_close_at_exit` is registered (once per process)
+_CLOSE_REGISTERED = False
+
+
+def _close_at_exit() -> None:
+    """Close the process group :func:`process_group` opened, when the process exits."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
