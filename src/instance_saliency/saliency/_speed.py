@@ -410,7 +410,12 @@ def fast_networks(model, keep: Iterable[str] = ()) -> Iterator[None]:
       weights are new parameters put in the original parameters' slots, and each batch norm's
       slot holds an ``nn.Identity``;
     * single-parameter ``nn.PReLU`` modules are replaced by :class:`FrozenPReLU` (the same
-      values and gradients bit for bit; no gradient of the slope is computed).
+      values and gradients bit for bit; no gradient of the slope is computed);
+    * strided 3D convolutions with at most :data:`SUBPIXEL_MAX_CHANNELS` channels on their
+      narrow side (a U-Net's first layer and last transposed layer) compute their transposed
+      convolution — the last layer's forward, the first layer's input gradient — in the
+      sub-pixel form on the CPU (:func:`conv_transpose3d_subpixel`; float32 rounding, about
+      5e-7 relative; no pre-activation before a non-linearity changes).
 
     On exit, also after an exception, the original parameter and module objects are put
     back (their values were never changed). Does nothing under ``LEGACY``. Use inside
