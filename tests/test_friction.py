@@ -63,6 +63,18 @@ def test_evaluate_subject_name_integer_counts_and_option_names(tmp_path, capsys)
     assert (row["n_tp"], row["n_fp"], row["n_fn"], row["n_gt_lesions"]) == ("1", "1", "1", "2")
     assert row["dice"] == "0.6067"  # 2*27/(54+35), 4 decimals
     assert lines[2].startswith("mean,") and lines[3].startswith("std,")
+    std = dict(zip(head, lines[3].split(",")))
+    assert std["dice"] == ""  # one subject: the sample SD is not estimable (ddof 1)
+    # two subjects: the sample SD (ddof 1) of their values
+    (tmp_path / "sub02").mkdir()
+    pred2 = _save(tmp_path / "sub02" / "prediction_mask.nii.gz", gt)
+    (tmp_path / "two.csv").write_text("subject,prediction,mask\nsub01,sub01/prediction_mask.nii.gz,"
+                                      "gt.nii.gz\nsub02,sub02/prediction_mask.nii.gz,gt.nii.gz\n")
+    assert pred2.is_file()
+    assert cli.main(["evaluate", "--manifest", str(tmp_path / "two.csv")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    std = dict(zip(head, lines[4].split(",")))
+    assert float(std["dice"]) == round(float(np.std([54 / 89, 1.0], ddof=1)), 4)
     assert cli.main(["evaluate", "--pred", str(pred), "--mask", str(tmp_path / "gt.nii.gz"),
                      "--iou-threshold", "0"]) == 2
     assert _err(capsys) == "instance-saliency: error: --iou-threshold must lie in (0, 1], got 0.0"

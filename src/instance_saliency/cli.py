@@ -452,13 +452,15 @@ def _subject_name(path) -> str:
 
 def _metrics_csv(table) -> str:
     """``evaluate``'s CSV: one row per subject (counts as integers, other metrics rounded to 4
-    decimals, volumes to 0.001 mm^3), then the ``mean`` and ``std`` rows over subjects."""
+    decimals, volumes to 0.001 mm^3), then the ``mean`` and ``std`` rows over subjects (the
+    sample standard deviation, ddof 1: empty for a single subject, as ``analyze`` says "not
+    estimable")."""
     import numpy as np
     import pandas as pd
 
     counts = [c for c in table.columns if c.startswith("n_")]
     num = table.drop(columns=["subject"]).astype(float)
-    summary = pd.concat([num.mean().rename("mean"), num.std(ddof=0).rename("std")], axis=1).T
+    summary = pd.concat([num.mean().rename("mean"), num.std(ddof=1).rename("std")], axis=1).T
     summary.insert(0, "subject", summary.index)
     rows = table.astype(object)
     for c in counts:
@@ -469,7 +471,7 @@ def _metrics_csv(table) -> str:
             continue
         digits = 3 if c.endswith("_mm3") else 4
         out[c] = pd.Series([int(v) if isinstance(v, (int, np.integer)) else round(float(v), digits)
-                            for v in out[c]], dtype=object)
+                            for v in out[c]], dtype=object)  # NaN stays NaN: an empty cell
     return out.to_csv(index=False)
 
 
