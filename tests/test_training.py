@@ -61,6 +61,58 @@ def test_resume_without_state_is_refused(tmp_path):
         train([_subject(0)], [], tmp_path / "c", resume=True, **KW)
 
 
+def test_resume_with_other_settings_is_refused(tmp_path):
+    """Resuming with another learning rate, batch size or network is refused with one line
+    naming what changed (the result would be neither run); a state written before the
+    settings were stored is still checked against the network it holds."""
+    subs = [_subject(0), _subject(1)]
+    out = tmp_path / "r"
+    assert train(subs, [], out, stop_after=2, **KW) == {"stopped_at": 2}
+    with pytest.raises(InputError, match=r"started with batch_size 2, lr 0\.001; this command "
+                                         r"gives batch_size 4, lr 0\.5"):
+        train(subs, [], out, resume=True, batch_size=4, lr=0.5, **KW)
+    with pytest.raises(InputError, match="train_subjects"):
+        train(subs[:1], [], out, resume=True, **KW)
+    st = torch.load(out / "train_state.pt", weights_only=True)
+    del st["settings"]  # as written by an earlier version
+    torch.save(st, out / "train_state.pt")
+    other = dict(KW, arguments={"channels": [4, 16], "strides": [2]})
+    with pytest.raises(InputError, match="holds another network than --architecture unet3d"):
+        train(subs, [], out, resume=True, **other)
+    assert train(subs, [], out, resume=True, **KW)["steps"] == 6  # the same settings resume
+
+
+def test_cli_refuses_to_restart_an_interrupted_training_silently(tmp_path, capsys):
+    """Re-running ``train`` into a folder with an interrupted run (train_state.pt) without
+    --resume used to start again from step 0 and delete the state: now refused, exit 2, the
+    state untouched; --overwrite starts again on purpose."""
+    from instance_saliency import cli
+
+    for k in (0, 1):
+        sub = _subject(k)
+        nib.save(nib.Nifti1Image(sub.image[0], np.eye(4)), str(tmp_path / f"f{k}.nii.gz"))
+        nib.save(nib.Nifti1Image(sub.image[1], np.eye(4)), str(tmp_path / f"t{k}.nii.gz"))
+        nib.save(nib.Nifti1Image(sub.mask, np.eye(4)), str(tmp_path / f"m{k}.nii.gz"))
+    (tmp_path / "man.csv").write_text("subject,flair,mprage,mask\n" + "".join(
+        f"s{k},f{k}.nii.gz,t{k}.nii.gz,m{k}.nii.gz\n" for k in (0, 1)))
+    argv = ["train", "--manifest", str(tmp_path / "man.csv"), "--out", str(tmp_path / "m"),
+            "--roi", "16", "--channels", "4,8", "--steps", "4", "--val-every", "4",
+            "--checkpoint-every", "1"]
+    assert cli.main(argv + ["--stop-after", "2"]) == 0
+    state = (tmp_path / "m" / "train_state.pt").read_bytes()
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"instance-saliency: error: output folder {tmp_path / 'm'} holds an "
+                   f"interrupted training (train_state.pt); add --resume to continue it, or "
+                   f"--overwrite to start again"]
+    assert (tmp_path / "m" / "train_state.pt").read_bytes() == state
+    assert cli.main(argv + ["--lr", "0.01", "--resume"]) == 2  # other settings: refused too
+    assert "started with lr 0.001; this command gives lr 0.01" in capsys.readouterr().err
+    assert cli.main(argv + ["--resume"]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
 def test_lr_schedule():
     assert lr_at(1, 100, 1e-3, warmup=10) == pytest.approx(1e-4)
     assert lr_at(10, 100, 1e-3, warmup=10) == pytest.approx(1e-3)

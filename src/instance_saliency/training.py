@@ -177,13 +177,32 @@ def _has_batch_norm(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def _save_state(path: Path, step: int, model, ema, opt, running: list, history: list) -> None:
+def _save_state(path: Path, step: int, model, ema, opt, running: list, history: list,
+                settings: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"step": step, "sampling": SAMPLING, "model": model.state_dict(),
+    torch.save({"step": step, "sampling": SAMPLING, "settings": json.dumps(settings),
+                "model": model.state_dict(),
                 "ema": ema.state_dict() if ema is not None else {},
                 "optimizer": opt.state_dict(), "running": torch.tensor(running, dtype=torch.float64),
                 "history": json.dumps(history)}, tmp)
     os.replace(tmp, path)
+
+
+def _check_resume_settings(state: dict, settings: dict, path: Path) -> None:
+    """Refuse to resume with settings other than the interrupted run's (one-line
+    :class:`InputError` naming them): the result would be neither run. States written before
+    the settings were stored are not checked."""
+    if "settings" not in state:
+        return
+    saved = json.loads(state["settings"])
+    now = json.loads(json.dumps(settings))  # the same types as the stored copy
+    diff = [k for k in now if k in saved and saved[k] != now[k]]
+    if diff:
+        was = ", ".join(f"{k} {saved[k]}" for k in diff)
+        given = ", ".join(f"{k} {now[k]}" for k in diff)
+        raise InputError(f"--resume: the interrupted run in {path.parent} was started with "
+                         f"{was}; this command gives {given}. Resume with the same settings, "
+                         f"or use --overwrite to start again")
 
 
 def _plot_history(history: list, path: Path) -> None:
@@ -267,6 +286,9 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
         at validation steps).
     resume : bool
         Continue from ``out_dir/train_state.pt``; the result equals the uninterrupted run.
+        The settings that shape the run (architecture and arguments, patch size, batch size,
+        learning rate, steps, seed, recipe, normalisation, EMA decay, warm-up, training
+        subjects) must be the interrupted run's (:class:`InputError` naming the others).
     stop_after : int, optional
         Stop (with a state file, without final weights) after this step; for tests and for
         splitting a run across sittings.
@@ -294,8 +316,9 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
     Raises
     ------
     InputError
-        Unknown recipe or normalisation, ``resume`` without a state file, or a ``batch_size``
-        that is not a multiple of ``WORLD_SIZE``.
+        Unknown recipe or normalisation, ``resume`` without a state file or with other
+        settings than the interrupted run's, or a ``batch_size`` that is not a multiple of
+        ``WORLD_SIZE``.
     DistributedError
         Under torchrun: the ranks cannot meet, or another rank did not answer in time.
     """
@@ -376,9 +399,21 @@ def _train(group, train_subjects, val_subjects, out_dir: Path, architecture, arg
     history: list = []
     running: list = []
     start = 1
+    # what a resumed run must share with the interrupted one to continue it exactly
+    settings = {"architecture": architecture, "arguments": arguments,
+                "roi_size": list(roi_size), "batch_size": batch_size, "lr": lr, "steps": steps,
+                "seed": seed, "recipe": recipe, "normalisation": normalisation,
+                "ema_decay": ema_decay, "warmup": warmup,
+                "train_subjects": [str(t) for t in trained_on] if trained_on
+                else f"{len(train_subjects)} unnamed"}
     if resume:
         st = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(st["model"])
+        _check_resume_settings(st, settings, state_path)
+        try:
+            model.load_state_dict(st["model"])
+        except RuntimeError:
+            raise InputError(f"--resume: {state_path} holds another network than --architecture "
+                             f"{architecture} with {arguments or 'its defaults'}") from None
         opt.load_state_dict(st["optimizer"])
         if ema is not None:
             ema.load_state_dict(st["ema"])
@@ -451,7 +486,7 @@ def _train(group, train_subjects, val_subjects, out_dir: Path, architecture, arg
                 _plot_history(history, out_dir / "history.png")
         if main and ((checkpoint_every and step % checkpoint_every == 0) or is_val
                      or step == last):
-            _save_state(state_path, step, model, ema, opt, running, history)
+            _save_state(state_path, step, model, ema, opt, running, history, settings)
     if last < steps:  # stopped early on purpose: the state file continues the run
         group.barrier()  # the state is written when any rank returns
         return {"stopped_at": last}
