@@ -45,18 +45,19 @@ GOAL_S = 60.0
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cuda", help="device of the timed runs")
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="device of the timed runs (default cuda)")
     p.add_argument("--dry-run", action="store_true",
                    help="small sizes on the CPU (crop 48^3, window 48^3, N = 2, 3 lesions)")
-    p.add_argument("--subject", default="patient07")
+    p.add_argument("--subject", default="patient07", help="public subject (default patient07)")
     p.add_argument("--data-dir", default=None,
                    help="local mirror (default: $INSTANCE_SALIENCY_DATA, else ../shared/data "
                         "or ./shared/data beside the checkout)")
     p.add_argument("--model", default=None, help="model folder (default: the shipped model)")
     p.add_argument("--n", type=int, default=None, help="noise samples N (default 50; dry run 2)")
-    p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--methods", default="smoothgrad,gradcampp")
+    p.add_argument("--precisions", default="fp32,bf16", help="default fp32,bf16")
+    p.add_argument("--methods", default="smoothgrad,gradcampp",
+                   help="default smoothgrad,gradcampp")
     p.add_argument("--ref-lesions", type=int, default=None,
                    help="lesions (the largest) compared with a CPU reference (default 3; dry "
                         "run 2; 0 = none)")

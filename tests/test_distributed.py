@@ -165,17 +165,29 @@ def test_bad_setups_under_torchrun_are_refused_in_one_line(tmp_path, monkeypatch
     assert cli.main(["cohort", "--data", str(tmp_path), "--out", str(out), "--shard", "1/2",
                      *FAST]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["instance-saliency: error: --shard 1/2 cannot be combined with torchrun "
+    assert err == ["instance-saliency: error: [rank 0 of 2] --shard 1/2 cannot be combined "
+                   "with torchrun "
                    "(WORLD_SIZE=2): each rank takes shard RANK+1/WORLD_SIZE itself"]
     t = tmp_path / "model"
     assert cli.main(["train", "--manifest", str(tmp_path / "m.csv"), "--out", str(t),
                      "--batch-size", "3"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "instance-saliency: error: --batch-size 3 (the global batch) must be a multiple of the "
-        "number of processes, WORLD_SIZE=2")
+        "instance-saliency: error: [rank 0 of 2] --batch-size 3 (the global batch) must be a "
+        "multiple of the number of processes, WORLD_SIZE=2")
     assert cli.main(["train", "--manifest", str(tmp_path / "m.csv"), "--out", str(t),
                      "--device", "cuda:0"]) == 2
     assert "give --device cuda, each rank then uses cuda:LOCAL_RANK" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # no GPU at all: the hint is --device cpu, not fewer ranks
+        assert cli.main(["train", "--manifest", str(tmp_path / "m.csv"), "--out", str(t),
+                         "--device", "cuda"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            "instance-saliency: error: [rank 0 of 2] --device cuda, but no CUDA GPU is visible "
+            "on this node; use --device cpu")
+    for dev in ("mps", "meta"):  # devices the tool does not support: one line, exit 2
+        assert cli.main(["train", "--manifest", str(tmp_path / "m.csv"), "--out", str(t),
+                         "--device", dev]) == 2
+        assert capsys.readouterr().err.strip().endswith(
+            f"--device {dev}: only cpu and cuda devices are supported")
     assert not t.exists()
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(DistributedError, match="MASTER_ADDR is not set"):
@@ -286,7 +298,8 @@ def test_failing_rank_stops_the_analysis_without_hanging(crops, model_dir, tmp_p
     log = r.stdout + r.stderr
     assert r.returncode != 0
     assert time.monotonic() - t0 < 200  # well under the 240 s timeout: nobody waited for it
-    assert ("instance-saliency: error: rank(s) 1 failed (rank 1: RuntimeError: injected "
+    assert ("instance-saliency: error: [rank 0 of 2] rank(s) 1 failed (rank 1: RuntimeError: "
+            "injected "
             "failure); cohort statistics not computed; run the same command again to finish "
             "the missing subjects") in log
     assert "RuntimeError: injected failure" in log  # rank 1's own traceback

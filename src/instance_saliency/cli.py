@@ -111,6 +111,9 @@ def cmd_train(a) -> int:
     if ((out / CONFIG_NAME).exists() or (out / WEIGHTS_NAME).exists()) and not a.overwrite:
         raise OutputError(f"output folder {out} already holds a trained model; use --overwrite "
                           f"to replace")
+    if (out / "train_state.pt").is_file() and not (a.resume or a.overwrite):
+        raise OutputError(f"output folder {out} holds an interrupted training (train_state.pt); "
+                          f"add --resume to continue it, or --overwrite to start again")
     from . import datasets
 
     # public names in the registry's spelling, so that config.json's trained_on matches them
@@ -629,8 +632,9 @@ def _add_explain_options(e, **overrides) -> None:
     e.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     e.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=d.precision,
                    help="numeric precision of the saliency passes: fp32 (default; exact), or "
-                        "bf16/fp16 autocast (faster on GPUs; maps differ by about 1e-2 "
-                        "relative, see docs/performance.md); the prediction stays fp32")
+                        "bf16/fp16 autocast (faster on GPUs, not on CPUs; maps differ by a few "
+                        "percent, up to about 5e-2 relative, see docs/performance.md); the "
+                        "prediction stays fp32")
     e.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     e.add_argument("--quiet", action="store_true", help="no progress bars (the one-line "
                    "steps, the plan and the expected time are still printed)")
@@ -654,7 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-subjects", nargs="*", default=[], metavar="NAME",
                    help="public registry subjects to train on (e.g. patient19 P18 P39)")
     t.add_argument("--val-subjects", nargs="*", default=[], metavar="NAME",
-                   help="public registry subjects to validate on (best checkpoint by nDSC)")
+                   help="public registry subjects to validate on (nDSC and lesion F1 logged; "
+                   "no checkpoint is selected by them)")
     t.add_argument("--manifest", help="CSV with columns subject,flair,mprage,mask to train on "
                    "(relative paths: from the manifest's folder, which they may not leave)")
     t.add_argument("--allow-outside-root", action="store_true",
@@ -847,6 +852,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rank_prefix() -> str:
+    """``[rank r of n] `` under torchrun (every rank prints its own error), else empty."""
+    try:
+        size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return ""
+    return f"[rank {rank} of {size}] " if size > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -866,7 +880,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except InstanceSaliencyError as e:
-        print(f"instance-saliency: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"instance-saliency: error: {_rank_prefix()}{str(e).splitlines()[0]}",
+              file=sys.stderr)
         return 2
     except _Terminated:
         print("instance-saliency: terminated (SIGTERM); nothing half-written was kept",

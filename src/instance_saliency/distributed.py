@@ -156,10 +156,13 @@ class World:
             raise InputError(f"--device {requested} under torchrun: give --device cuda, each "
                              f"rank then uses cuda:LOCAL_RANK")
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise InputError("--device cuda, but no CUDA GPU is visible on this node; use "
+                             "--device cpu")
         if self.local_rank >= n:
             raise InputError(f"{self}: LOCAL_RANK {self.local_rank} has no GPU of its own "
-                             f"({n} visible on this node); use --nproc-per-node {max(n, 1)} "
-                             f"or fewer, or --device cpu")
+                             f"({n} visible on this node); use --nproc-per-node {n} or fewer, "
+                             f"or --device cpu")
         return f"cuda:{self.local_rank}"
 
 
