@@ -147,7 +147,12 @@ def test_world_from_environment_and_devices(monkeypatch):
             World.from_environment(env)
     with pytest.raises(InputError, match="give --device cuda"):
         w.device("cuda:1")
-    if torch.cuda.device_count() < 2:
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_gpus == 0:  # no GPU at all: the hint is --device cpu, not fewer ranks
+        with pytest.raises(InputError, match="no CUDA GPU is visible on this node; use "
+                                             "--device cpu"):
+            w.device("cuda")
+    elif n_gpus < 2:
         with pytest.raises(InputError, match="LOCAL_RANK 1 has no GPU of its own"):
             w.device("cuda")
     monkeypatch.setenv("INSTANCE_SALIENCY_DIST_TIMEOUT", "-5")
