@@ -71,8 +71,12 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"started with batch_size 2, lr 0\.001; this command "
                                          r"gives batch_size 4, lr 0\.5"):
         train(subs, [], out, resume=True, batch_size=4, lr=0.5, **KW)
-    with pytest.raises(InputError, match="train_subjects"):
+    with pytest.raises(InputError, match="n_train_subjects 2; this command gives "
+                                         "n_train_subjects 1"):
         train(subs[:1], [], out, resume=True, **KW)
+    with pytest.raises(InputError, match=r"train_subjects \['a', 'b'\]"):  # named vs named
+        train(subs, [], out / "named", stop_after=1, trained_on=["a", "b"], **KW)
+        train(subs, [], out / "named", resume=True, trained_on=["a", "c"], **KW)
     st = torch.load(out / "train_state.pt", weights_only=True)
     del st["settings"]  # as written by an earlier version
     torch.save(st, out / "train_state.pt")

@@ -190,13 +190,16 @@ def _save_state(path: Path, step: int, model, ema, opt, running: list, history: 
 
 def _check_resume_settings(state: dict, settings: dict, path: Path) -> None:
     """Refuse to resume with settings other than the interrupted run's (one-line
-    :class:`InputError` naming them): the result would be neither run. States written before
-    the settings were stored are not checked."""
+    :class:`InputError` naming them): the result would be neither run. Subject names are
+    compared when both runs recorded them (their number always). States written before the
+    settings were stored are not checked."""
     if "settings" not in state:
         return
     saved = json.loads(state["settings"])
     now = json.loads(json.dumps(settings))  # the same types as the stored copy
-    diff = [k for k in now if k in saved and saved[k] != now[k]]
+    # names are compared when both runs have them (the Python API may leave them out)
+    diff = [k for k in now if k in saved and saved[k] != now[k]
+            and not (k == "train_subjects" and not (saved[k] and now[k]))]
     if diff:
         was = ", ".join(f"{k} {saved[k]}" for k in diff)
         given = ", ".join(f"{k} {now[k]}" for k in diff)
@@ -404,8 +407,8 @@ def _train(group, train_subjects, val_subjects, out_dir: Path, architecture, arg
                 "roi_size": list(roi_size), "batch_size": batch_size, "lr": lr, "steps": steps,
                 "seed": seed, "recipe": recipe, "normalisation": normalisation,
                 "ema_decay": ema_decay, "warmup": warmup,
-                "train_subjects": [str(t) for t in trained_on] if trained_on
-                else f"{len(train_subjects)} unnamed"}
+                "n_train_subjects": len(train_subjects),
+                "train_subjects": [str(t) for t in trained_on]}
     if resume:
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         _check_resume_settings(st, settings, state_path)
