@@ -399,7 +399,6 @@ def float64_check(a, inputs: dict, run_dir: Path, over: list) -> None:
     reference. Where a PReLU pre-activation lies within float32 rounding of 0 in one noisy
     copy, float32 cannot decide the kink and both paths may differ from the reference there."""
     import copy
-    import json as _json
 
     import nibabel as nib
     import torch
@@ -416,7 +415,7 @@ def float64_check(a, inputs: dict, run_dir: Path, over: list) -> None:
     if not labels:
         print("float64 check: no SmoothGrad map beyond the tolerance")
         return
-    cfg = _json.loads((run_dir / "run.json").read_text())["parameters"]
+    cfg = json.loads((run_dir / "run.json").read_text())["parameters"]
     m = load_model(a.model, "cpu")
     subj = load_images([inputs["flair"], inputs["mprage"]], list(m.channels), None)
     prep = m.prepare(subj.image, subj.spacing, affine=subj.affine)

@@ -853,12 +853,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _rank_prefix() -> str:
-    """``[rank r of n] `` under torchrun (every rank prints its own error), else empty."""
+    """``[rank r of n] `` under torchrun (every rank prints its own error), else empty (also
+    when the torchrun variables themselves are malformed: that is then the error)."""
+    from .distributed import World
+
     try:
-        size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    except ValueError:
+        world = World.from_environment()
+    except InstanceSaliencyError:
         return ""
-    return f"[rank {rank} of {size}] " if size > 1 else ""
+    return f"[{world}] " if world.distributed else ""
 
 
 def main(argv: list[str] | None = None) -> int:

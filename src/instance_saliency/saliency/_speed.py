@@ -302,14 +302,16 @@ def _subpixel_sites(net: torch.nn.Module, keep: Iterable[str] = ()) -> list:
     out = []
     for parent in net.modules():
         for name, c in parent._modules.items():
-            if c is None or names.get(id(c)) in keep or _has_hooks(c):
+            if not isinstance(c, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)) \
+                    or names.get(id(c)) in keep or _has_hooks(c):
                 continue
-            plain = (c.groups == 1 and all(d == 1 for d in c.dilation)
-                     and c.padding_mode == "zeros" and max(c.stride) > 1)                 if isinstance(c, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)) else False
-            if isinstance(c, torch.nn.ConvTranspose3d) and plain \
-                    and c.out_channels <= SUBPIXEL_MAX_CHANNELS:
-                out.append((parent, name, SubpixelConvTranspose3d))
-            elif type(c) is torch.nn.Conv3d and plain and isinstance(c.padding, tuple) \
+            if c.groups != 1 or any(d != 1 for d in c.dilation) or c.padding_mode != "zeros" \
+                    or max(c.stride) == 1:
+                continue
+            if isinstance(c, torch.nn.ConvTranspose3d):
+                if c.out_channels <= SUBPIXEL_MAX_CHANNELS:
+                    out.append((parent, name, SubpixelConvTranspose3d))
+            elif type(c) is torch.nn.Conv3d and isinstance(c.padding, tuple) \
                     and c.in_channels <= SUBPIXEL_MAX_CHANNELS:
                 out.append((parent, name, SubpixelGradConv3d))
     return out
