@@ -201,6 +201,19 @@ def test_bad_setups_under_torchrun_are_refused_in_one_line(tmp_path, monkeypatch
     assert not out.exists()
 
 
+def test_the_command_line_closes_the_process_group_when_its_command_ends(tmp_path):
+    """Every rank closes the group at the end of its command (a gloo group left to the
+    interpreter's exit aborted one rank in CI after a torchrun ``train``)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    assert dist.is_initialized()
+    assert cli.main(["evaluate", "--pred", str(tmp_path / "none"), "--mask",
+                     str(tmp_path / "none")]) == 2  # a command that fails: closed all the same
+    assert not dist.is_initialized()
+
+
 def _record_failures(out: str, rank: int, no_flock: bool) -> None:
     if no_flock:  # as on NFS, where a folder cannot be flock-ed
         import errno

@@ -894,6 +894,9 @@ def main(argv: list[str] | None = None) -> int:
         print("instance-saliency: interrupted", file=sys.stderr)
         return 130
     finally:
+        from .distributed import close_process_group
+
+        close_process_group()  # under torchrun: every rank here, before the interpreter ends
         if previous is not None:
             import signal
 

@@ -6,8 +6,9 @@ nodes), ``WORLD_SIZE``, ``LOCAL_RANK`` (0 .. G - 1 on its node) and ``MASTER_ADD
 ``MASTER_PORT`` (where the ranks meet). :class:`World` reads them (one process without them),
 :meth:`World.device` maps ``--device cuda`` to the rank's GPU ``cuda:LOCAL_RANK``, and
 :func:`process_group` opens the ``torch.distributed`` process group with a timeout, so that no
-rank waits forever for another, and keeps it open for later calls in the same process (closed
-at exit).
+rank waits forever for another, and keeps it open for later calls in the same process (the
+command line closes it when its command ends, :func:`close_process_group`; otherwise it is
+closed at exit).
 
 The timeout of every wait (joining, barriers, gathers) is ``INSTANCE_SALIENCY_DIST_TIMEOUT``
 seconds when that variable is set, else the caller's default (``cohort``: one day, since ranks
@@ -26,7 +27,8 @@ from datetime import timedelta
 
 from .errors import DistributedError, InputError
 
-__all__ = ["World", "Group", "process_group", "timeout_s", "TIMEOUT_ENV"]
+__all__ = ["World", "Group", "process_group", "close_process_group", "timeout_s",
+           "TIMEOUT_ENV"]
 
 #: environment variable: seconds any rank waits for the others (joining, barriers, gathers)
 TIMEOUT_ENV = "INSTANCE_SALIENCY_DIST_TIMEOUT"
@@ -299,7 +301,8 @@ def process_group(world: World, device: str = "cpu", timeout: float = 1800.0,
     torch names a reopened default group like the first one (its group counter restarts at 0
     on ``destroy_process_group``), so the ranks' gloo rendezvous would read the first group's
     addresses, still in torchrun's store, and some runs hung at the start of the second
-    training. :func:`_close_at_exit` closes it once, when the process ends.
+    training. The command line closes it when its command ends (:func:`close_process_group`);
+    otherwise :func:`_close_at_exit` closes it once, when the process ends.
     """
     if not world.distributed:
         yield Group(world)
@@ -344,7 +347,26 @@ _CLOSE_REGISTERED = False
 
 def _close_at_exit() -> None:
     """Close the process group :func:`process_group` opened, when the process exits."""
-    import torch.distributed as dist
+    close_process_group()
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+
+def close_process_group() -> None:
+    """Close the open ``torch.distributed`` process group, if any (a no-op otherwise).
+
+    The command line calls it when a command ends, on every rank at the same point, so that
+    no gloo worker thread outlives the interpreter: after a ``train`` under ``torchrun`` that
+    left the group to the exit handler, one rank of one CI run aborted at exit ("terminate
+    called without an active exception") with its outputs all written. Objects in reference
+    cycles that hold the group (a DistributedDataParallel wrapper) are collected first, while
+    the interpreter is whole.
+    """
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    import gc
+
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
