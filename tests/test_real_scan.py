@@ -47,12 +47,13 @@ def test_shipped_model_is_the_four_fold_ensemble():
 
 def test_shipped_model_ndsc_floor(shipped_on_patient07):
     """patient07 was held out from training and from every setting of the shipped model
-    (threshold 0.3 chosen on the other cross-validation folds). Measured nDSC 0.413 (the
-    model card); the floor 0.36 allows for platform arithmetic differences but catches a broken
-    loader, a wrong normalisation or channel order (those score below 0.15 here)."""
+    (threshold 0.3 chosen on the other cross-validation folds). Measured nDSC 0.479 with the
+    5,400-step member (the model card; 0.413 with the 2,400-step member shipped before it); the
+    floor 0.43 allows for platform arithmetic differences but catches a broken loader, a wrong
+    normalisation or channel order (those score below 0.15 here) or a return to the old weights."""
     s, model, cfg, x, prob = shipped_on_patient07
     m = evaluate_pair(s.mask, prob >= cfg.threshold, s.spacing)
-    assert m["ndsc"] > 0.36
+    assert m["ndsc"] > 0.43
     assert np.isfinite(prob).all() and prob.min() >= 0 and prob.max() <= 1
 
 
