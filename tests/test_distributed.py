@@ -201,17 +201,27 @@ def test_bad_setups_under_torchrun_are_refused_in_one_line(tmp_path, monkeypatch
     assert not out.exists()
 
 
-def test_the_command_line_closes_the_process_group_when_its_command_ends(tmp_path):
-    """Every rank closes the group at the end of its command (a gloo group left to the
-    interpreter's exit aborted one rank in CI after a torchrun ``train``)."""
+def test_the_command_line_closes_the_process_group_when_its_command_ends(tmp_path,
+                                                                         monkeypatch):
+    """Every rank closes the group it opened at the end of its command (a gloo group left to
+    the interpreter's exit aborted one rank in CI after a torchrun ``train``); a group that
+    the calling script opened itself is left open."""
     import torch.distributed as dist
+
+    from instance_saliency import distributed
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)
-    assert dist.is_initialized()
-    assert cli.main(["evaluate", "--pred", str(tmp_path / "none"), "--mask",
-                     str(tmp_path / "none")]) == 2  # a command that fails: closed all the same
-    assert not dist.is_initialized()
+    try:
+        fail = ["evaluate", "--pred", str(tmp_path / "none"), "--mask", str(tmp_path / "none")]
+        assert cli.main(fail) == 2
+        assert dist.is_initialized()  # the script's own group
+        monkeypatch.setattr(distributed, "_OPENED", True)  # as process_group leaves it
+        assert cli.main(fail) == 2  # a command that fails: closed all the same
+        assert not dist.is_initialized() and not distributed._OPENED
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _record_failures(out: str, rank: int, no_flock: bool) -> None:

@@ -334,7 +334,8 @@ def process_group(world: World, device: str = "cpu", timeout: float = 1800.0,
         msg = " ".join(str(e).split())[:300]
         raise DistributedError(f"{world}: cannot join the other ranks ({backend}): {msg}"
                                ) from None
-    global _CLOSE_REGISTERED
+    global _CLOSE_REGISTERED, _OPENED
+    _OPENED = True
     if not _CLOSE_REGISTERED:
         atexit.register(_close_at_exit)
         _CLOSE_REGISTERED = True
@@ -343,6 +344,8 @@ def process_group(world: World, device: str = "cpu", timeout: float = 1800.0,
 
 #: whether :func:`_close_at_exit` is registered (once per process)
 _CLOSE_REGISTERED = False
+#: whether the open group is one :func:`process_group` opened (a script's own is left open)
+_OPENED = False
 
 
 def _close_at_exit() -> None:
@@ -351,7 +354,8 @@ def _close_at_exit() -> None:
 
 
 def close_process_group() -> None:
-    """Close the open ``torch.distributed`` process group, if any (a no-op otherwise).
+    """Close the ``torch.distributed`` process group that :func:`process_group` opened, if
+    one is open (a no-op otherwise: a group a script opened itself is left to it).
 
     The command line calls it when a command ends, on every rank at the same point, so that
     no gloo worker thread outlives the interpreter: after a ``train`` under ``torchrun`` that
@@ -362,10 +366,13 @@ def close_process_group() -> None:
     """
     import sys
 
+    global _OPENED
     dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
+    if not _OPENED or dist is None or not dist.is_available() or not dist.is_initialized():
         return
     import gc
+
+    _OPENED = False
 
     gc.collect()
     dist.destroy_process_group()
