@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -302,7 +303,8 @@ def process_group(world: World, device: str = "cpu", timeout: float = 1800.0,
     on ``destroy_process_group``), so the ranks' gloo rendezvous would read the first group's
     addresses, still in torchrun's store, and some runs hung at the start of the second
     training. The command line closes it when its command ends (:func:`close_process_group`);
-    otherwise :func:`_close_at_exit` closes it once, when the process ends.
+    otherwise the same function, registered with :mod:`atexit`, closes it when the process
+    ends.
     """
     if not world.distributed:
         yield Group(world)
@@ -337,35 +339,28 @@ def process_group(world: World, device: str = "cpu", timeout: float = 1800.0,
     global _CLOSE_REGISTERED, _OPENED
     _OPENED = True
     if not _CLOSE_REGISTERED:
-        atexit.register(_close_at_exit)
+        atexit.register(close_process_group)
         _CLOSE_REGISTERED = True
     yield Group(world, backend, device if backend == "nccl" else "cpu")
 
 
-#: whether :func:`_close_at_exit` is registered (once per process)
+#: whether :func:`close_process_group` is registered with atexit (once per process)
 _CLOSE_REGISTERED = False
 #: whether the open group is one :func:`process_group` opened (a script's own is left open)
 _OPENED = False
-
-
-def _close_at_exit() -> None:
-    """Close the process group :func:`process_group` opened, when the process exits."""
-    close_process_group()
 
 
 def close_process_group() -> None:
     """Close the ``torch.distributed`` process group that :func:`process_group` opened, if
     one is open (a no-op otherwise: a group a script opened itself is left to it).
 
-    The command line calls it when a command ends, on every rank at the same point, so that
-    no gloo worker thread outlives the interpreter: after a ``train`` under ``torchrun`` that
-    left the group to the exit handler, one rank of one CI run aborted at exit ("terminate
-    called without an active exception") with its outputs all written. Objects in reference
-    cycles that hold the group (a DistributedDataParallel wrapper) are collected first, while
-    the interpreter is whole.
+    Registered with :mod:`atexit` when a group is opened. The command line also calls it when
+    a command ends, on every rank at the same point, so that no gloo worker thread outlives
+    the interpreter: after a ``train`` under ``torchrun`` that left the group to the exit
+    handler, one rank of one CI run aborted at exit ("terminate called without an active
+    exception") with its outputs all written. Objects in reference cycles that hold the group
+    (a DistributedDataParallel wrapper) are collected first, while the interpreter is whole.
     """
-    import sys
-
     global _OPENED
     dist = sys.modules.get("torch.distributed")
     if not _OPENED or dist is None or not dist.is_available() or not dist.is_initialized():
