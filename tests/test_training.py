@@ -169,3 +169,67 @@ def test_histogram_normalisation_is_learnt_on_training_scans_and_used_at_inferen
 
     with pytest.raises(ModelError, match="'landmarks' must be 2 increasing rows of 11"):
         load_model(tmp_path / "h")
+
+
+def test_fine_tuning_starts_from_the_given_weights_and_keeps_their_scale(tmp_path):
+    """``init_from``: a run of zero learning rate (EMA off) returns the starting weights
+    exactly; the starting model's histogram standard and training subjects are kept and its
+    provenance recorded; another network, normalisation or an ensemble is refused in one
+    line."""
+    import hashlib
+
+    from instance_saliency.errors import InputError
+
+    subs = [_subject(0), _subject(1)]
+    hist = {**KW, "steps": 2, "val_every": 2, "normalisation": "histogram"}
+    train(subs, [], tmp_path / "base", trained_on=["a", "b"], **hist)
+    base = json.loads((tmp_path / "base" / "config.json").read_text())
+    other = [_subject(5)]  # another scan: its landmarks would give another standard
+    out = train(other, [], tmp_path / "ft", trained_on=["C", "A"], init_from=tmp_path / "base",
+                **{**hist, "lr": 1e-30, "ema_decay": 0.0})
+    w0, w1 = _weights(tmp_path / "base"), _weights(tmp_path / "ft")
+    float_keys = [k for k in w0 if w0[k].is_floating_point() and "running" not in k]
+    assert float_keys and all(torch.equal(w0[k], w1[k]) for k in float_keys)
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["landmarks"] == base["landmarks"]
+    assert cfg["trained_on"] == ["C", "A", "b"]  # names compared case-insensitively
+    digest = hashlib.sha256((tmp_path / "base" / "model.safetensors").read_bytes()).hexdigest()
+    assert out["init_from"] == {"folder": str((tmp_path / "base").resolve()), "sha256": digest,
+                                "trained_on": ["a", "b"]}
+    with pytest.raises(InputError, match=r"holds unet3d \{'channels': \[4, 8\], 'strides': "
+                                         r"\[2\]\}, not unet3d \{'channels': \[4, 16\]"):
+        train(other, [], tmp_path / "x", init_from=tmp_path / "base",
+              **{**hist, "arguments": {"channels": [4, 16], "strides": [2]}})
+    with pytest.raises(InputError, match="trained with --normalisation histogram, not "
+                                         "zscore_nonzero"):
+        train(other, [], tmp_path / "y", init_from=tmp_path / "base",
+              **{**hist, "normalisation": "zscore_nonzero"})
+    (tmp_path / "ens").mkdir()
+    (tmp_path / "ens" / "config.json").write_text(json.dumps({**base, "members": ["m0"]}))
+    with pytest.raises(InputError, match="is an ensemble of 1 members; give one member's"):
+        train(other, [], tmp_path / "z", init_from=tmp_path / "ens", **hist)
+
+
+def test_cli_fine_tunes_with_the_starting_models_settings(tmp_path, capsys):
+    """``train --init-from DIR`` without --channels / --normalisation takes the starting
+    model's; the fine-tuned model differs from it and names it in config.json."""
+    from instance_saliency import cli
+
+    subs = [_subject(0), _subject(1)]
+    train(subs, [], tmp_path / "base", **{**KW, "steps": 2, "val_every": 2,
+                                           "normalisation": "histogram"})
+    sub = _subject(4)
+    nib.save(nib.Nifti1Image(sub.image[0], np.eye(4)), str(tmp_path / "f.nii.gz"))
+    nib.save(nib.Nifti1Image(sub.image[1], np.eye(4)), str(tmp_path / "t.nii.gz"))
+    nib.save(nib.Nifti1Image(sub.mask, np.eye(4)), str(tmp_path / "m.nii.gz"))
+    (tmp_path / "man.csv").write_text("subject,flair,mprage,mask\ns4,f.nii.gz,t.nii.gz,"
+                                      "m.nii.gz\n")
+    assert cli.main(["train", "--manifest", str(tmp_path / "man.csv"), "--roi", "16",
+                     "--steps", "2", "--val-every", "2", "--init-from", str(tmp_path / "base"),
+                     "--out", str(tmp_path / "ft")]) == 0
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["arguments"] == {"channels": [4, 8], "strides": [2]}
+    assert cfg["normalisation"] == "histogram"
+    assert cfg["training"]["init_from"]["folder"] == str((tmp_path / "base").resolve())
+    w0, w1 = _weights(tmp_path / "base"), _weights(tmp_path / "ft")
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0 if w0[k].is_floating_point())

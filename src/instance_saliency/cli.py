@@ -65,6 +65,17 @@ def _check_train_options(a) -> dict:
     for name in ("warmup", "checkpoint_every", "stop_after"):
         if getattr(a, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must not be negative")
+    if a.init_from:  # the starting network's settings fill in what the command left out
+        from .models.checkpoint import read_config
+
+        icfg = read_config(a.init_from)
+        if not icfg.members:
+            a.architecture = a.architecture or icfg.architecture
+            a.normalisation = a.normalisation or icfg.normalisation
+            if not a.channels and a.architecture == icfg.architecture:
+                a.channels = ",".join(str(c) for c in icfg.arguments.get("channels", []))
+    a.architecture = a.architecture or "unet3d"
+    a.normalisation = a.normalisation or "zscore_nonzero"
     arch_args = {}
     if a.channels:
         try:
@@ -156,7 +167,7 @@ def cmd_train(a) -> int:
                         checkpoint_every=a.checkpoint_every, resume=a.resume,
                         stop_after=a.stop_after or None, save_val_prob=a.save_val_prob,
                         trained_on=names, normalisation=a.normalisation,
-                        device=a.device, echo=print,
+                        device=a.device, echo=print, init_from=a.init_from,
                         command="instance-saliency "
                         + " ".join(shlex.quote(x) for x in sys.argv[1:]),
                         data_description=data)
@@ -664,8 +675,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(relative paths: from the manifest's folder, which they may not leave)")
     t.add_argument("--allow-outside-root", action="store_true",
                    help="allow manifest paths outside the manifest's folder")
-    t.add_argument("--architecture", default="unet3d", choices=sorted(ARCHITECTURES))
-    t.add_argument("--channels", help="unet3d widths, e.g. 16,32,64,128,256")
+    t.add_argument("--architecture", default=None, choices=sorted(ARCHITECTURES),
+                   help="network (default unet3d, or that of --init-from)")
+    t.add_argument("--channels", help="unet3d widths, e.g. 16,32,64,128,256 (default: "
+                   "MONAI's, or those of --init-from)")
+    t.add_argument("--init-from", metavar="DIR",
+                   help="fine-tune: start from the weights of this checkpoint folder (one "
+                   "network, e.g. a fold_* folder of the default model) instead of random "
+                   "ones; its architecture, channels, normalisation and histogram standard are "
+                   "kept, and its training scans count as this model's")
     t.add_argument("--roi", type=int, default=96, help="cubic patch side in voxels")
     t.add_argument("--steps", type=int, default=1200)
     t.add_argument("--batch-size", type=int, default=2, help="patches per step (default 2); "
@@ -677,11 +695,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", default="v2", choices=["v1", "v2", "v3"],
                    help="augmentation recipe (v2: spatial + intensity augmentation; see the "
                    "model card)")
-    t.add_argument("--normalisation", default="zscore_nonzero",
+    t.add_argument("--normalisation", default=None,
                    choices=["zscore_nonzero", "histogram"],
                    help="input normalisation: per-channel z-score over non-zero voxels, or that "
                    "followed by histogram standardisation onto the training scans' mean "
-                   "landmarks (Nyul et al. 2000; stored with the model)")
+                   "landmarks (Nyul et al. 2000; stored with the model). Default "
+                   "zscore_nonzero, or that of --init-from")
     t.add_argument("--ema-decay", type=float, default=0.999,
                    help="EMA of the weights, saved instead of the last step (0 = off)")
     t.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps "

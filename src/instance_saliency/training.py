@@ -208,6 +208,49 @@ def _check_resume_settings(state: dict, settings: dict, path: Path) -> None:
                          f"or use --overwrite to start again")
 
 
+def _initial_network(folder, architecture: str, arguments: dict, normalisation: str):
+    """The network of checkpoint ``folder`` to fine-tune, and its provenance.
+
+    Returns
+    -------
+    model : torch.nn.Module
+        ``folder``'s network with its weights, in training mode.
+    init : dict
+        ``folder`` (resolved path), ``sha256`` of its weights file, ``trained_on`` (its
+        training subjects, added to the new model's) and ``landmarks`` (its standard
+        histogram scale; empty without histogram normalisation).
+
+    Raises
+    ------
+    InputError
+        An ensemble folder, or another architecture, arguments or normalisation.
+    ModelError
+        Not a readable checkpoint folder.
+    """
+    import hashlib
+
+    from .models.checkpoint import WEIGHTS_NAME, _load_network, read_config
+
+    folder = Path(folder)
+    icfg = read_config(folder)
+    if icfg.members:
+        raise InputError(f"--init-from {folder} is an ensemble of {len(icfg.members)} members; "
+                         f"give one member's folder (e.g. {folder / icfg.members[0]})")
+    ours, theirs = (architecture, dict(arguments)), (icfg.architecture, dict(icfg.arguments))
+    if json.loads(json.dumps(ours)) != json.loads(json.dumps(theirs)):
+        raise InputError(f"--init-from {folder} holds {icfg.architecture} "
+                         f"{icfg.arguments or '(defaults)'}, not {architecture} "
+                         f"{arguments or '(defaults)'}: give the same --architecture and "
+                         f"--channels")
+    if icfg.normalisation != normalisation:
+        raise InputError(f"--init-from {folder} was trained with --normalisation "
+                         f"{icfg.normalisation}, not {normalisation}")
+    model = _load_network(folder, icfg, folder / "config.json").train()
+    digest = hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+    return model, {"folder": str(folder.resolve()), "sha256": digest,
+                   "trained_on": list(icfg.trained_on), "landmarks": icfg.landmarks}
+
+
 def _plot_history(history: list, path: Path) -> None:
     import matplotlib
 
@@ -241,7 +284,7 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
           warmup: int = 100, checkpoint_every: int = 0, resume: bool = False,
           stop_after: int | None = None, save_val_prob: bool = False,
           trained_on=(), normalisation: str = "zscore_nonzero", device: str = "cpu",
-          echo=None) -> dict:
+          echo=None, init_from: str | Path | None = None) -> dict:
     """Train and save the final (EMA) weights in ``out_dir``.
 
     Under ``torchrun`` (``WORLD_SIZE`` = W > 1) every rank runs this function and the model is
@@ -309,6 +352,14 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
     echo : callable, optional
         Receives one-line messages on rank 0 (the set-up of a distributed run, a resume of a
         state written before the per-patch sampling).
+    init_from : path, optional
+        Fine-tuning: a checkpoint folder of one network (not an ensemble) whose weights start
+        the run instead of a random initialisation. Its architecture, arguments and
+        normalisation must be the ones given; with ``"histogram"`` its standard scale
+        (``landmarks``) is kept rather than learnt again, so that the network keeps seeing
+        inputs on the scale it was trained on. The folder and the SHA256 of its weights are
+        recorded (``training.init_from``), its training subjects are added to ``trained_on``
+        (the new model saw them too) and a resumed run must name the same folder.
 
     Returns
     -------
@@ -320,8 +371,11 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
     ------
     InputError
         Unknown recipe or normalisation, ``resume`` without a state file or with other
-        settings than the interrupted run's, or a ``batch_size`` that is not a multiple of
-        ``WORLD_SIZE``.
+        settings than the interrupted run's, a ``batch_size`` that is not a multiple of
+        ``WORLD_SIZE``, or an ``init_from`` folder of another architecture, arguments or
+        normalisation, or holding an ensemble.
+    ModelError
+        ``init_from`` is not a readable checkpoint folder.
     DistributedError
         Under torchrun: the ranks cannot meet, or another rank did not answer in time.
     """
@@ -350,7 +404,7 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
                           arguments, roi_size, steps, batch_size, lr, val_every, seed,
                           threshold, overlap, progress, command, data_description, recipe,
                           ema_decay, warmup, checkpoint_every, resume, stop_after,
-                          save_val_prob, trained_on, normalisation, device, echo)
+                          save_val_prob, trained_on, normalisation, device, echo, init_from)
     finally:
         if fh is not None:
             log.removeHandler(fh)
@@ -360,7 +414,8 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
 def _train(group, train_subjects, val_subjects, out_dir: Path, architecture, arguments,
            roi_size, steps, batch_size, lr, val_every, seed, threshold, overlap, progress,
            command, data_description, recipe, ema_decay, warmup, checkpoint_every, resume,
-           stop_after, save_val_prob, trained_on, normalisation, device, echo) -> dict:
+           stop_after, save_val_prob, trained_on, normalisation, device, echo,
+           init_from=None) -> dict:
     """:func:`train` on one rank, inside its process group (a stand-in for one process)."""
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
@@ -377,7 +432,14 @@ def _train(group, train_subjects, val_subjects, out_dir: Path, architecture, arg
     cfg = ModelConfig(architecture=architecture, arguments=arguments, roi_size=list(roi_size),
                       overlap=overlap, threshold=threshold, trained_on=[str(t) for t in trained_on],
                       normalisation=normalisation)
-    if normalisation == "histogram":
+    init = None
+    if init_from is not None:
+        model, init = _initial_network(init_from, architecture, arguments, normalisation)
+        cfg.landmarks = list(init.pop("landmarks"))
+        # the scans the starting weights saw are scans this model saw (held-out rules)
+        seen = {t.lower() for t in cfg.trained_on}
+        cfg.trained_on += [t for t in init["trained_on"] if t.lower() not in seen]
+    elif normalisation == "histogram":
         cfg.landmarks = np.mean([histogram_landmarks(s.image) for s in train_subjects],
                                 axis=0).round(6).tolist()
     items = [_to_item(s, cfg) for s in train_subjects]
@@ -408,7 +470,8 @@ def _train(group, train_subjects, val_subjects, out_dir: Path, architecture, arg
                 "seed": seed, "recipe": recipe, "normalisation": normalisation,
                 "ema_decay": ema_decay, "warmup": warmup,
                 "n_train_subjects": len(train_subjects),
-                "train_subjects": [str(t) for t in trained_on]}
+                "train_subjects": [str(t) for t in trained_on],
+                "init_from": init["folder"] if init else None}
     if resume:
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         _check_resume_settings(st, settings, state_path)
@@ -500,6 +563,7 @@ def _train(group, train_subjects, val_subjects, out_dir: Path, architecture, arg
         "roi_size": list(roi_size), "lr": lr, "seed": seed, "recipe": recipe,
         "ema_decay": ema_decay, "normalisation": normalisation, "warmup": warmup, "schedule": "linear warm-up + cosine to 2 %",
         "sampling": SAMPLING, "weights": "EMA" if ema is not None else "last step",
+        "init_from": init,
         "val_at_last": history[-1].get("val") if history else None,
         "train_time_s": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads(),
     }
