@@ -10,7 +10,12 @@ training run to ``cv_report.py`` (``config.json`` + ``val_prob_0.nii.gz``), so t
 post-processing is again chosen on the other folds only.
 
     python tools/cv_predict.py ../runs/cv_h_P18 ../runs/cv_h1_P18 --out ../runs/ens_P18 \\
-        [--mirror-axes 0]
+        [--mirror-axes 0] [--average-weights]
+
+``--average-weights`` averages the runs' weights (and batch-norm statistics) into one network
+instead of averaging their logits: for runs of one training trajectory, e.g. a fold and its
+fine-tuned continuation (``train --init-from``), which share the architecture and the input
+standard (refused otherwise).
 """
 
 from __future__ import annotations
@@ -54,6 +59,34 @@ def assemble(runs: list, folder: Path, mirror_axes: list) -> dict:
     return top
 
 
+def average(runs: list, folder: Path) -> dict:
+    """Write one checkpoint folder whose weights are the mean of ``runs``' weights (integer
+    buffers, e.g. batch norm's step counters, from the first run); return its config."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cfgs = [json.loads((r / "config.json").read_text()) for r in runs]
+    if len({held_out(c) for c in cfgs}) != 1:
+        sys.exit("cv_predict: the runs hold out different scans")
+    shape = {(c["architecture"], json.dumps(c["arguments"]), c.get("normalisation"),
+              json.dumps(c.get("landmarks"))) for c in cfgs}
+    if len(shape) != 1:
+        sys.exit("cv_predict --average-weights: the runs differ in architecture, arguments or "
+                 "input standard")
+    states = [load_file(str(r / "model.safetensors")) for r in runs]
+    mean = {k: (torch.stack([st[k] for st in states]).mean(0) if v.is_floating_point() else v)
+            for k, v in states[0].items()}
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    save_file(mean, str(folder / "model.safetensors"))
+    top = dict(cfgs[0])
+    top["trained_on"] = sorted({s for c in cfgs for s in c.get("trained_on", [])})
+    top["training"] = dict(top.get("training", {}), averaged_weights=[str(r) for r in runs])
+    (folder / "config.json").write_text(json.dumps(top, indent=1))
+    return top
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path)
@@ -61,6 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--mirror-axes", default="", help="e.g. 0 or 0,1,2 (empty: none)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--sw-batch-size", type=int, default=2)
+    p.add_argument("--average-weights", action="store_true",
+                   help="one network with the runs' mean weights instead of a logit ensemble")
     a = p.parse_args(argv)
     import torch
 
@@ -71,7 +106,10 @@ def main(argv=None) -> int:
 
     axes = [int(v) for v in a.mirror_axes.split(",") if v.strip()]
     a.out.mkdir(parents=True, exist_ok=True)
-    top = assemble(a.runs, a.out / "model", axes)
+    if a.average_weights and axes:
+        sys.exit("cv_predict: --average-weights takes no --mirror-axes")
+    top = (average(a.runs, a.out / "model") if a.average_weights
+           else assemble(a.runs, a.out / "model", axes))
     held = held_out(top)
     files = datasets.fetch_subject(held, a.data_dir)
     s = load_images([files["flair"], files["mprage"]], ["FLAIR", "MPRAGE"])
@@ -84,7 +122,8 @@ def main(argv=None) -> int:
     prob = prep.probabilities(logits[0].numpy())[model.lesion_class]
     save_map(a.out / "val_prob_0.nii.gz", prob, s.affine)
     cfg = json.loads((a.runs[0] / "config.json").read_text())
-    cfg["training"]["ensemble"] = {"runs": [str(r) for r in a.runs], "mirror_axes": axes}
+    cfg["training"]["ensemble"] = {"runs": [str(r) for r in a.runs], "mirror_axes": axes,
+                                   "averaged_weights": a.average_weights}
     (a.out / "config.json").write_text(json.dumps(cfg, indent=1))
     print(f"{a.out}: held-out {held}, {len(model.members)} member term(s), "
           f"mean probability {float(prob.mean()):.5f}")
