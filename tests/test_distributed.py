@@ -474,3 +474,23 @@ def test_train_cli_resumes_under_torchrun(train_data, ddp_runs, tmp_path):
     assert sum('"resumed_at_step": 2' in ln for ln in lines) == 1
     assert sum('"processes": 2' in ln for ln in lines) == 2  # one per sitting, rank 0's
     assert not (out / "train_state.pt").exists()
+
+
+def test_commands_that_do_not_split_their_work_are_refused_under_torchrun(monkeypatch, capsys,
+                                                                          tmp_path):
+    """``explain`` (or any command but cohort and train) under torchrun used to run whole on
+    every rank, the copies racing for one output folder: now one line, exit 2, nothing
+    written."""
+    from instance_saliency import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for argv in (["explain", "--flair", "f.nii.gz", "--mprage", "t.nii.gz", "--out",
+                  str(tmp_path / "e")], ["analyze", str(tmp_path)]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"instance-saliency: error: [rank 1 of 2] '{argv[0]}' runs one job and "
+                       "does not split it among torchrun's 2 processes (each would do all of "
+                       "it); run it without torchrun, or use cohort for many scans"]
+    assert not (tmp_path / "e").exists()

@@ -195,7 +195,7 @@ def test_fine_tuning_starts_from_the_given_weights_and_keeps_their_scale(tmp_pat
     assert cfg["trained_on"] == ["C", "A", "b"]  # names compared case-insensitively
     digest = hashlib.sha256((tmp_path / "base" / "model.safetensors").read_bytes()).hexdigest()
     assert out["init_from"] == {"folder": str((tmp_path / "base").resolve()), "sha256": digest,
-                                "trained_on": ["a", "b"]}
+                                "trained_on": ["a", "b"], "threshold": 0.5}
     with pytest.raises(InputError, match=r"holds unet3d \{'channels': \[4, 8\], 'strides': "
                                          r"\[2\]\}, not unet3d \{'channels': \[4, 16\]"):
         train(other, [], tmp_path / "x", init_from=tmp_path / "base",
@@ -218,6 +218,9 @@ def test_cli_fine_tunes_with_the_starting_models_settings(tmp_path, capsys):
     subs = [_subject(0), _subject(1)]
     train(subs, [], tmp_path / "base", **{**KW, "steps": 2, "val_every": 2,
                                            "normalisation": "histogram"})
+    base = json.loads((tmp_path / "base" / "config.json").read_text())
+    base["threshold"] = 0.3  # as chosen for the shipped folds: kept by the fine-tuned model
+    (tmp_path / "base" / "config.json").write_text(json.dumps(base))
     sub = _subject(4)
     nib.save(nib.Nifti1Image(sub.image[0], np.eye(4)), str(tmp_path / "f.nii.gz"))
     nib.save(nib.Nifti1Image(sub.image[1], np.eye(4)), str(tmp_path / "t.nii.gz"))
@@ -230,6 +233,22 @@ def test_cli_fine_tunes_with_the_starting_models_settings(tmp_path, capsys):
     cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert cfg["arguments"] == {"channels": [4, 8], "strides": [2]}
     assert cfg["normalisation"] == "histogram"
+    assert cfg["threshold"] == 0.3
     assert cfg["training"]["init_from"]["folder"] == str((tmp_path / "base").resolve())
     w0, w1 = _weights(tmp_path / "base"), _weights(tmp_path / "ft")
     assert any(not torch.equal(w0[k], w1[k]) for k in w0 if w0[k].is_floating_point())
+    # refusals name --init-from and leave nothing behind
+    capsys.readouterr()
+    for bad, msg in ((tmp_path / "nope", f"--init-from: model folder not found: "
+                      f"{tmp_path / 'nope'}"),
+                     (tmp_path, f"--init-from: model folder {tmp_path} has no config.json")):
+        assert cli.main(["train", "--manifest", str(tmp_path / "man.csv"), "--roi", "16",
+                         "--steps", "2", "--init-from", str(bad),
+                         "--out", str(tmp_path / "refused")]) == 2
+        assert capsys.readouterr().err.strip() == f"instance-saliency: error: {msg}"
+        assert not (tmp_path / "refused").exists()
+    assert cli.main(["train", "--manifest", str(tmp_path / "man.csv"), "--roi", "16",
+                     "--steps", "2", "--channels", "4,16", "--init-from",
+                     str(tmp_path / "base"), "--out", str(tmp_path / "refused")]) == 2
+    assert "give the same --architecture and --channels" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()

@@ -66,9 +66,13 @@ def _check_train_options(a) -> dict:
         if getattr(a, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must not be negative")
     if a.init_from:  # the starting network's settings fill in what the command left out
+        from .errors import ModelError
         from .models.checkpoint import read_config
 
-        icfg = read_config(a.init_from)
+        try:
+            icfg = read_config(a.init_from)
+        except ModelError as e:
+            raise InputError(f"--init-from: {e}") from None
         if not icfg.members:
             a.architecture = a.architecture or icfg.architecture
             a.normalisation = a.normalisation or icfg.normalisation
@@ -87,6 +91,10 @@ def _check_train_options(a) -> dict:
             raise InputError(f"--channels must be positive, got {a.channels!r}")
         arch_args["strides"] = [2] * (len(arch_args["channels"]) - 1)
     build_model(a.architecture, **arch_args)  # ModelError for arguments it does not accept
+    if a.init_from:  # refused before anything is written
+        from .training import check_init_from
+
+        check_init_from(a.init_from, a.architecture, arch_args, a.normalisation)
     return arch_args
 
 
@@ -682,8 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-from", metavar="DIR",
                    help="fine-tune: start from the weights of this checkpoint folder (one "
                    "network, e.g. a fold_* folder of the default model) instead of random "
-                   "ones; its architecture, channels, normalisation and histogram standard are "
-                   "kept, and its training scans count as this model's")
+                   "ones; its architecture, channels, normalisation, histogram standard and "
+                   "lesion threshold are kept, and its training scans count as this model's. "
+                   "Give a smaller --lr than from scratch, e.g. 5e-4")
     t.add_argument("--roi", type=int, default=96, help="cubic patch side in voxels")
     t.add_argument("--steps", type=int, default=1200)
     t.add_argument("--batch-size", type=int, default=2, help="patches per step (default 2); "
@@ -900,6 +909,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     previous = _terminate_like_interrupt()
     try:
+        _refuse_torchrun(args.command)
         return int(args.func(args) or 0)
     except InstanceSaliencyError as e:
         print(f"instance-saliency: error: {_rank_prefix()}{str(e).splitlines()[0]}",
@@ -920,6 +930,28 @@ def main(argv: list[str] | None = None) -> int:
             import signal
 
             signal.signal(signal.SIGTERM, previous)
+
+
+#: commands that share their work among torchrun's processes
+DISTRIBUTED_COMMANDS = ("cohort", "train")
+
+
+def _refuse_torchrun(command: str) -> None:
+    """Under torchrun (``WORLD_SIZE`` > 1) only :data:`DISTRIBUTED_COMMANDS` split their work;
+    any other command would run whole on every process, the copies racing for one output.
+
+    Raises
+    ------
+    InputError
+        ``command`` is not distributed and ``WORLD_SIZE`` > 1.
+    """
+    from .distributed import World
+
+    world = World.from_environment()
+    if world.size > 1 and command not in DISTRIBUTED_COMMANDS:
+        raise InputError(f"'{command}' runs one job and does not split it among torchrun's "
+                         f"{world.size} processes (each would do all of it); run it without "
+                         f"torchrun, or use cohort for many scans")
 
 
 class _Terminated(KeyboardInterrupt):

@@ -208,31 +208,24 @@ def _check_resume_settings(state: dict, settings: dict, path: Path) -> None:
                          f"or use --overwrite to start again")
 
 
-def _initial_network(folder, architecture: str, arguments: dict, normalisation: str):
-    """The network of checkpoint ``folder`` to fine-tune, and its provenance.
-
-    Returns
-    -------
-    model : torch.nn.Module
-        ``folder``'s network with its weights, in training mode.
-    init : dict
-        ``folder`` (resolved path), ``sha256`` of its weights file, ``trained_on`` (its
-        training subjects, added to the new model's) and ``landmarks`` (its standard
-        histogram scale; empty without histogram normalisation).
+def check_init_from(folder, architecture: str, arguments: dict, normalisation: str):
+    """The config of checkpoint ``folder`` if a run of ``architecture`` / ``arguments`` /
+    ``normalisation`` can start from its weights (``train --init-from``).
 
     Raises
     ------
     InputError
-        An ensemble folder, or another architecture, arguments or normalisation.
-    ModelError
-        Not a readable checkpoint folder.
+        Not a readable checkpoint folder, an ensemble, or another architecture, arguments or
+        normalisation (one line, naming ``--init-from``).
     """
-    import hashlib
-
-    from .models.checkpoint import WEIGHTS_NAME, _load_network, read_config
+    from .errors import ModelError
+    from .models.checkpoint import read_config
 
     folder = Path(folder)
-    icfg = read_config(folder)
+    try:
+        icfg = read_config(folder)
+    except ModelError as e:
+        raise InputError(f"--init-from: {e}") from None
     if icfg.members:
         raise InputError(f"--init-from {folder} is an ensemble of {len(icfg.members)} members; "
                          f"give one member's folder (e.g. {folder / icfg.members[0]})")
@@ -245,10 +238,42 @@ def _initial_network(folder, architecture: str, arguments: dict, normalisation: 
     if icfg.normalisation != normalisation:
         raise InputError(f"--init-from {folder} was trained with --normalisation "
                          f"{icfg.normalisation}, not {normalisation}")
-    model = _load_network(folder, icfg, folder / "config.json").train()
+    return icfg
+
+
+def _initial_network(folder, architecture: str, arguments: dict, normalisation: str):
+    """The network of checkpoint ``folder`` to fine-tune, and its provenance.
+
+    Returns
+    -------
+    model : torch.nn.Module
+        ``folder``'s network with its weights, in training mode.
+    init : dict
+        ``folder`` (resolved path), ``sha256`` of its weights file, ``trained_on`` (its
+        training subjects, added to the new model's), ``threshold`` (its lesion probability
+        threshold, kept) and ``landmarks`` (its standard histogram scale; empty without
+        histogram normalisation).
+
+    Raises
+    ------
+    InputError
+        See :func:`check_init_from`; also weights that do not fit its config.
+    """
+    import hashlib
+
+    from .errors import ModelError
+    from .models.checkpoint import WEIGHTS_NAME, _load_network
+
+    folder = Path(folder)
+    icfg = check_init_from(folder, architecture, arguments, normalisation)
+    try:
+        model = _load_network(folder, icfg, folder / "config.json").train()
+    except ModelError as e:
+        raise InputError(f"--init-from: {e}") from None
     digest = hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
     return model, {"folder": str(folder.resolve()), "sha256": digest,
-                   "trained_on": list(icfg.trained_on), "landmarks": icfg.landmarks}
+                   "trained_on": list(icfg.trained_on), "threshold": icfg.threshold,
+                   "landmarks": icfg.landmarks}
 
 
 def _plot_history(history: list, path: Path) -> None:
@@ -357,7 +382,8 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
         the run instead of a random initialisation. Its architecture, arguments and
         normalisation must be the ones given; with ``"histogram"`` its standard scale
         (``landmarks``) is kept rather than learnt again, so that the network keeps seeing
-        inputs on the scale it was trained on. The folder and the SHA256 of its weights are
+        inputs on the scale it was trained on; its lesion probability threshold is kept too
+        (``threshold`` is then ignored). The folder and the SHA256 of its weights are
         recorded (``training.init_from``), its training subjects are added to ``trained_on``
         (the new model saw them too) and a resumed run must name the same folder.
 
@@ -373,9 +399,7 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
         Unknown recipe or normalisation, ``resume`` without a state file or with other
         settings than the interrupted run's, a ``batch_size`` that is not a multiple of
         ``WORLD_SIZE``, or an ``init_from`` folder of another architecture, arguments or
-        normalisation, or holding an ensemble.
-    ModelError
-        ``init_from`` is not a readable checkpoint folder.
+        normalisation, holding an ensemble, or not a readable checkpoint folder.
     DistributedError
         Under torchrun: the ranks cannot meet, or another rank did not answer in time.
     """
@@ -436,6 +460,7 @@ def _train(group, train_subjects, val_subjects, out_dir: Path, architecture, arg
     if init_from is not None:
         model, init = _initial_network(init_from, architecture, arguments, normalisation)
         cfg.landmarks = list(init.pop("landmarks"))
+        cfg.threshold = init["threshold"]  # chosen for the starting model; kept, not re-tuned
         # the scans the starting weights saw are scans this model saw (held-out rules)
         seen = {t.lower() for t in cfg.trained_on}
         cfg.trained_on += [t for t in init["trained_on"] if t.lower() not in seen]
