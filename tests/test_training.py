@@ -115,6 +115,11 @@ def test_cli_refuses_to_restart_an_interrupted_training_silently(tmp_path, capsy
     assert "started with lr 0.001; this command gives lr 0.01" in capsys.readouterr().err
     assert cli.main(argv + ["--resume"]) == 0
     assert (tmp_path / "m" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert cli.main(argv + ["--resume"]) == 2  # finished: said so, not "no interrupted run"
+    assert capsys.readouterr().err.strip() == (
+        f"instance-saliency: error: --resume: the training in {tmp_path / 'm'} has finished "
+        f"(model.safetensors is written); nothing to resume")
 
 
 def test_lr_schedule():

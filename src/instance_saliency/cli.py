@@ -125,6 +125,9 @@ def cmd_train(a) -> int:
     if a.resume and a.overwrite:
         raise InputError("--resume and --overwrite exclude each other")
     if a.resume and not (out / "train_state.pt").is_file():
+        if (out / WEIGHTS_NAME).is_file():
+            raise InputError(f"--resume: the training in {out} has finished ({WEIGHTS_NAME} is "
+                             f"written); nothing to resume")
         raise InputError(f"--resume: {out / 'train_state.pt'} not found (no interrupted run "
                          f"in {out})")
     if ((out / CONFIG_NAME).exists() or (out / WEIGHTS_NAME).exists()) and not a.overwrite:
