@@ -430,6 +430,7 @@ def test_analyze_writes_consistent_outputs(tmp_path):
     md = (tmp_path / "stats.md").read_text()
     assert "Kruskal" in md and "lesion F1" in md and "S77" in md
     assert "FP-flagging AUC" in logs[0]
+    assert js["training_scans"] == [] and "Not held-out" not in md
     html = (tmp_path / "cohort_report.html").read_text()
     assert html.count("data:image/png;base64") == 4
     # same seed -> same numbers
@@ -477,3 +478,25 @@ def test_analyze_empty_folder_is_one_line_error(tmp_path, capsys):
     assert cli.main(["analyze", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no subjects with instances.csv under" in err
+
+
+def test_subjects_the_model_trained_on_are_named_in_stats(tmp_path):
+    """A subject explained by a model whose members trained on it (its run.json's
+    ``model.members_trained_on``; names case-insensitive) is listed in stats.json and named in
+    stats.md as in-sample; held-out subjects and unreadable run.json files are not."""
+    df = make_cohort(n_subjects=4)
+    write_cohort(tmp_path, df)
+    runs = {"S00": [{"member": "model", "trained_on": ["s00", "S03"]}],
+            "S01": [{"member": "fold_a", "trained_on": ["S02"]}],
+            "S02": [{"member": "fold_a", "trained_on": ["S00"]},
+                    {"member": "fold_b", "trained_on": ["S02"]}]}
+    for s_, used in runs.items():
+        (tmp_path / "subjects" / s_ / "run.json").write_text(
+            json.dumps({"model": {"members_trained_on": used}}))
+    (tmp_path / "subjects" / "S03" / "run.json").write_text("not json")
+    assert stats.training_scans(tmp_path, ["S00", "S01", "S02", "S03"]) == ["S00", "S02"]
+    stats.analyze(tmp_path, n_boot=20, seed=0, figures=False, log=lambda m: None)
+    assert json.loads((tmp_path / "stats.json").read_text())["training_scans"] == ["S00", "S02"]
+    assert ("**Not held-out:** S00, S02 were training scans of the model that explained them "
+            "(`run.json`: `model.members_trained_on`); their TP/FP/FN are in-sample figures."
+            in (tmp_path / "stats.md").read_text())

@@ -720,6 +720,39 @@ def _ci(d: dict, est_key: str) -> str:
     return f"{_f(d.get(est_key))} [{_f(d.get('ci_low'))}, {_f(d.get('ci_high'))}]"
 
 
+def training_scans(out: str | os.PathLike, subjects) -> list:
+    """The subjects of a cohort that the model which explained them had trained on: their
+    ``run.json`` lists, under ``model.members_trained_on``, a member whose ``trained_on``
+    holds the subject's name (compared case-insensitively). Their TP/FP/FN are in-sample.
+
+    Parameters
+    ----------
+    out : path
+        Cohort output folder.
+    subjects : sequence of str
+        Subject folder names under ``out/subjects``.
+
+    Returns
+    -------
+    list of str
+        Those subjects, in the given order (an unreadable ``run.json`` counts as not).
+    """
+    from .datasets import saw_any
+
+    found = []
+    for s in subjects:
+        try:
+            run = json.loads((Path(out) / "subjects" / str(s) / "run.json").read_text())
+        except (OSError, ValueError):
+            continue
+        model = run.get("model") if isinstance(run, dict) else None
+        used = (model.get("members_trained_on") if isinstance(model, dict) else None) or []
+        if any(saw_any(u.get("trained_on") or [], [str(s)]) for u in used
+               if isinstance(u, dict)):
+            found.append(str(s))
+    return found
+
+
 def _markdown(res: dict, figures: bool = True) -> str:
     """``stats.md``: the statistics as text and tables; ``figures``: whether the figure files
     exist to be linked."""
@@ -728,6 +761,13 @@ def _markdown(res: dict, figures: bool = True) -> str:
            f"({', '.join(f'{k} {v}' for k, v in res['counts'].items())}). "
            f"Bootstrap: {res['n_boot']} resamples of subjects, seed {res['seed']}; "
            f"CIs are 95 %.\n"]
+    if res.get("training_scans"):
+        out.append(f"\n**Not held-out:** {', '.join(res['training_scans'])} "
+                   f"{'was a training scan' if len(res['training_scans']) == 1 else 'were training scans'} "
+                   f"of the model that explained {'it' if len(res['training_scans']) == 1 else 'them'} "
+                   f"(`run.json`: `model.members_trained_on`); "
+                   f"{'its' if len(res['training_scans']) == 1 else 'their'} TP/FP/FN are "
+                   f"in-sample figures.\n")
     fe = res["flag_errors"]
     if fe["status"] == "ok":
         out.append("\n**Does saliency flag false positives beyond the lesion's size and the "
@@ -920,6 +960,7 @@ def analyze(out: str | os.PathLike, n_boot: int = 1000, seed: int = 0, p0: float
     counts = {s: int((status == s).sum()) for s in (*STATUSES, "unknown")}
     res = {
         "n_subjects": len(subjects), "subjects": subjects, "n_lesions": int(len(instances)),
+        "training_scans": training_scans(out, subjects),
         "counts": counts, "n_boot": n_boot, "seed": seed, "method": method, "channel": channel,
         "peak_by_status": peak_by_status(instances, n_boot=n_boot, seed=seed),
         "flair_vs_mprage": flair_vs_mprage(instances, method, n_boot, seed),
