@@ -500,3 +500,8 @@ def test_subjects_the_model_trained_on_are_named_in_stats(tmp_path):
     assert ("**Not held-out:** S00, S02 were training scans of the model that explained them "
             "(`run.json`: `model.members_trained_on`); their TP/FP/FN are in-sample figures."
             in (tmp_path / "stats.md").read_text())
+    (tmp_path / "subjects" / "S02" / "run.json").write_text("{}")  # one left: singular
+    stats.analyze(tmp_path, n_boot=20, seed=0, figures=False, log=lambda m: None)
+    assert ("**Not held-out:** S00 was a training scan of the model that explained it "
+            "(`run.json`: `model.members_trained_on`); its TP/FP/FN are in-sample figures."
+            in (tmp_path / "stats.md").read_text())

@@ -761,12 +761,12 @@ def _markdown(res: dict, figures: bool = True) -> str:
            f"({', '.join(f'{k} {v}' for k, v in res['counts'].items())}). "
            f"Bootstrap: {res['n_boot']} resamples of subjects, seed {res['seed']}; "
            f"CIs are 95 %.\n"]
-    if res.get("training_scans"):
-        out.append(f"\n**Not held-out:** {', '.join(res['training_scans'])} "
-                   f"{'was a training scan' if len(res['training_scans']) == 1 else 'were training scans'} "
-                   f"of the model that explained {'it' if len(res['training_scans']) == 1 else 'them'} "
-                   f"(`run.json`: `model.members_trained_on`); "
-                   f"{'its' if len(res['training_scans']) == 1 else 'their'} TP/FP/FN are "
+    seen = res.get("training_scans") or []
+    if seen:
+        was, it, its = (("was a training scan", "it", "its") if len(seen) == 1
+                        else ("were training scans", "them", "their"))
+        out.append(f"\n**Not held-out:** {', '.join(seen)} {was} of the model that explained "
+                   f"{it} (`run.json`: `model.members_trained_on`); {its} TP/FP/FN are "
                    f"in-sample figures.\n")
     fe = res["flag_errors"]
     if fe["status"] == "ok":
