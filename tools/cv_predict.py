@@ -35,14 +35,30 @@ def held_out(cfg: dict) -> str:
     return re.search(r"val=\['([^']+)'\]", cfg["training"]["data"]).group(1)
 
 
-def assemble(runs: list, folder: Path, mirror_axes: list) -> dict:
-    """Write an ensemble checkpoint folder of ``runs`` into ``folder``; return its config."""
+def _configs(runs: list) -> list:
+    """The runs' configs, after checking that they hold out one scan."""
     cfgs = [json.loads((r / "config.json").read_text()) for r in runs]
     if len({held_out(c) for c in cfgs}) != 1:
         sys.exit("cv_predict: the runs hold out different scans")
+    return cfgs
+
+
+def _empty(folder: Path) -> None:
+    """``folder``, made anew and empty."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
+
+
+def _trained_on(cfgs: list) -> list:
+    """Every scan some run trained on (sorted)."""
+    return sorted({s for c in cfgs for s in c.get("trained_on", [])})
+
+
+def assemble(runs: list, folder: Path, mirror_axes: list) -> dict:
+    """Write an ensemble checkpoint folder of ``runs`` into ``folder``; return its config."""
+    cfgs = _configs(runs)
+    _empty(folder)
     names = []
     for i, r in enumerate(runs):
         name = f"member_{i}_{r.name}"
@@ -53,8 +69,7 @@ def assemble(runs: list, folder: Path, mirror_axes: list) -> dict:
     top = dict(cfgs[0])
     if top.get("normalisation") == "histogram":
         top["landmarks"] = np.mean([c["landmarks"] for c in cfgs], 0).round(6).tolist()
-    top.update(members=names, mirror_axes=list(mirror_axes),
-               trained_on=sorted({s for c in cfgs for s in c.get("trained_on", [])}))
+    top.update(members=names, mirror_axes=list(mirror_axes), trained_on=_trained_on(cfgs))
     (folder / "config.json").write_text(json.dumps(top, indent=1))
     return top
 
@@ -65,9 +80,7 @@ def average(runs: list, folder: Path) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
 
-    cfgs = [json.loads((r / "config.json").read_text()) for r in runs]
-    if len({held_out(c) for c in cfgs}) != 1:
-        sys.exit("cv_predict: the runs hold out different scans")
+    cfgs = _configs(runs)
     shape = {(c["architecture"], json.dumps(c["arguments"]), c.get("normalisation"),
               json.dumps(c.get("landmarks"))) for c in cfgs}
     if len(shape) != 1:
@@ -76,12 +89,10 @@ def average(runs: list, folder: Path) -> dict:
     states = [load_file(str(r / "model.safetensors")) for r in runs]
     mean = {k: (torch.stack([st[k] for st in states]).mean(0) if v.is_floating_point() else v)
             for k, v in states[0].items()}
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    _empty(folder)
     save_file(mean, str(folder / "model.safetensors"))
     top = dict(cfgs[0])
-    top["trained_on"] = sorted({s for c in cfgs for s in c.get("trained_on", [])})
+    top["trained_on"] = _trained_on(cfgs)
     top["training"] = dict(top.get("training", {}), averaged_weights=[str(r) for r in runs])
     (folder / "config.json").write_text(json.dumps(top, indent=1))
     return top

@@ -66,18 +66,13 @@ def _check_train_options(a) -> dict:
         if getattr(a, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must not be negative")
     if a.init_from:  # the starting network's settings fill in what the command left out
-        from .errors import ModelError
-        from .models.checkpoint import read_config
+        from .training import read_init_config
 
-        try:
-            icfg = read_config(a.init_from)
-        except ModelError as e:
-            raise InputError(f"--init-from: {e}") from None
-        if not icfg.members:
-            a.architecture = a.architecture or icfg.architecture
-            a.normalisation = a.normalisation or icfg.normalisation
-            if not a.channels and a.architecture == icfg.architecture:
-                a.channels = ",".join(str(c) for c in icfg.arguments.get("channels", []))
+        icfg = read_init_config(a.init_from)
+        a.architecture = a.architecture or icfg.architecture
+        a.normalisation = a.normalisation or icfg.normalisation
+        if not a.channels and a.architecture == icfg.architecture:
+            a.channels = ",".join(str(c) for c in icfg.arguments.get("channels", []))
     a.architecture = a.architecture or "unet3d"
     a.normalisation = a.normalisation or "zscore_nonzero"
     arch_args = {}

@@ -208,15 +208,14 @@ def _check_resume_settings(state: dict, settings: dict, path: Path) -> None:
                          f"or use --overwrite to start again")
 
 
-def check_init_from(folder, architecture: str, arguments: dict, normalisation: str):
-    """The config of checkpoint ``folder`` if a run of ``architecture`` / ``arguments`` /
-    ``normalisation`` can start from its weights (``train --init-from``).
+def read_init_config(folder):
+    """The config of the one-network checkpoint ``folder`` to fine-tune from
+    (``train --init-from``).
 
     Raises
     ------
     InputError
-        Not a readable checkpoint folder, an ensemble, or another architecture, arguments or
-        normalisation (one line, naming ``--init-from``).
+        Not a readable checkpoint folder, or an ensemble (one line, naming ``--init-from``).
     """
     from .errors import ModelError
     from .models.checkpoint import read_config
@@ -229,6 +228,19 @@ def check_init_from(folder, architecture: str, arguments: dict, normalisation: s
     if icfg.members:
         raise InputError(f"--init-from {folder} is an ensemble of {len(icfg.members)} members; "
                          f"give one member's folder (e.g. {folder / icfg.members[0]})")
+    return icfg
+
+
+def check_init_from(folder, architecture: str, arguments: dict, normalisation: str):
+    """The config of checkpoint ``folder`` if a run of ``architecture`` / ``arguments`` /
+    ``normalisation`` can start from its weights (``train --init-from``).
+
+    Raises
+    ------
+    InputError
+        See :func:`read_init_config`; another architecture, arguments or normalisation.
+    """
+    icfg = read_init_config(folder)
     ours, theirs = (architecture, dict(arguments)), (icfg.architecture, dict(icfg.arguments))
     if json.loads(json.dumps(ours)) != json.loads(json.dumps(theirs)):
         raise InputError(f"--init-from {folder} holds {icfg.architecture} "
@@ -462,8 +474,9 @@ def _train(group, train_subjects, val_subjects, out_dir: Path, architecture, arg
         cfg.landmarks = list(init.pop("landmarks"))
         cfg.threshold = init["threshold"]  # chosen for the starting model; kept, not re-tuned
         # the scans the starting weights saw are scans this model saw (held-out rules)
-        seen = {t.lower() for t in cfg.trained_on}
-        cfg.trained_on += [t for t in init["trained_on"] if t.lower() not in seen]
+        from .datasets import saw_any
+
+        cfg.trained_on += [t for t in init["trained_on"] if not saw_any(cfg.trained_on, [t])]
     elif normalisation == "histogram":
         cfg.landmarks = np.mean([histogram_landmarks(s.image) for s in train_subjects],
                                 axis=0).round(6).tolist()
