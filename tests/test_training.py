@@ -30,15 +30,17 @@ def _weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("recipe", ["v2", "v2-carvemix"])
+def test_resume_equals_uninterrupted_run(tmp_path, recipe):
     subs = [_subject(0), _subject(1)]
     val = [_subject(2)]
-    a = train(subs, val, tmp_path / "a", **KW)
-    s = train(subs, val, tmp_path / "b", stop_after=4, **KW)
+    a = train(subs, val, tmp_path / "a", recipe=recipe, **KW)
+    assert a["recipe"] == recipe
+    s = train(subs, val, tmp_path / "b", stop_after=4, recipe=recipe, **KW)
     assert s == {"stopped_at": 4}
     assert (tmp_path / "b" / "train_state.pt").is_file()
     assert not (tmp_path / "b" / "model.safetensors").exists()
-    b = train(subs, val, tmp_path / "b", resume=True, **KW)
+    b = train(subs, val, tmp_path / "b", resume=True, recipe=recipe, **KW)
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -135,7 +137,7 @@ def test_recipes_keep_patch_shape_and_labels_binary():
             "label": torch.from_numpy(_subject(0).mask[None].astype(np.float32))}
     flat = item["label"].reshape(-1) > 0
     item["fg_idx"], item["bg_idx"] = np.flatnonzero(flat), np.flatnonzero(~flat)
-    for recipe in ("v1", "v2", "v3"):
+    for recipe in ("v1", "v2", "v3", "v2-carvemix"):
         xf = augmentations((16, 16, 16), 2, recipe)
         xf.set_random_state(seed=0)
         for _ in range(5):
@@ -257,3 +259,72 @@ def test_cli_fine_tunes_with_the_starting_models_settings(tmp_path, capsys):
                      str(tmp_path / "base"), "--out", str(tmp_path / "refused")]) == 2
     assert "give the same --architecture and --channels" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+
+
+def _item(seed: int, boxes):
+    """A training item of :func:`_to_item` with lesions at ``boxes`` (one component each)."""
+    from instance_saliency.models import ModelConfig
+    from instance_saliency.training import _to_item
+
+    s = _subject(seed)
+    s.mask[:] = 0
+    for b in boxes:
+        s.mask[b] = 1
+    return _to_item(s, ModelConfig("unet3d"))
+
+
+def test_carvemix_pastes_donor_lesions_with_their_rim_and_nothing_else():
+    from instance_saliency.training import carvemix
+
+    target = _item(0, [np.s_[2:5, 2:5, 2:5]])
+    donor = _item(1, [np.s_[8:11, 6:9, 9:12], np.s_[16:18, 12:15, 4:6]])
+    assert donor["n_lesions"] == 2
+    before = target["image"].clone(), target["label"].clone()
+    mixed = carvemix(target, donor, np.random.default_rng(3), max_lesions=2, margin=(2.0, 2.0))
+    # the target item is untouched; the mix is a new item
+    assert torch.equal(target["image"], before[0]) and torch.equal(target["label"], before[1])
+    changed = (mixed["image"] != target["image"]).any(0) | (mixed["label"] != target["label"])[0]
+    # every changed voxel carries the donor's image and label ...
+    assert torch.equal(mixed["image"][:, changed], donor["image"][:, changed])
+    assert torch.equal(mixed["label"][:, changed], donor["label"][:, changed])
+    # ... and lies within 2 voxels (Euclidean) of a pasted donor lesion
+    from scipy import ndimage
+
+    lesions = donor["lesions"]
+    pasted = np.isin(lesions, np.unique(lesions.reshape(-1)[mixed["fg_idx"]]))
+    assert np.all(ndimage.distance_transform_edt(~pasted)[changed.numpy()] <= 2.0)
+    # the pasted lesions are whole, and a lesion-centred crop lands on them only
+    assert mixed["label"][0].numpy()[pasted].all()
+    assert np.array_equal(np.sort(mixed["fg_idx"]), np.flatnonzero(pasted.reshape(-1)))
+    assert mixed["label"][0, 2:5, 2:5, 2:5].all()  # the target's own lesion, far away, kept
+    # the same generator state pastes the same
+    again = carvemix(target, donor, np.random.default_rng(3), max_lesions=2, margin=(2.0, 2.0))
+    assert torch.equal(again["image"], mixed["image"])
+    # a donor without lesions changes nothing; scans on other grids are refused
+    empty = _item(2, [])
+    assert carvemix(target, empty, np.random.default_rng(0)) is target
+    other = dict(donor, image=donor["image"][:, :-1])
+    with pytest.raises(ValueError, match="do not share one grid"):
+        carvemix(target, other, np.random.default_rng(0))
+
+
+def test_carvemix_patches_split_over_ranks_and_leave_other_recipes_unchanged():
+    from instance_saliency.training import CARVEMIX, _draw_patches
+
+    items = [_item(0, [np.s_[2:5, 2:5, 2:5]]), _item(1, [np.s_[8:11, 6:9, 9:12]])]
+    xf = augmentations((16, 16, 16), 1, "v2-carvemix")
+    p = CARVEMIX["v2-carvemix"]
+    for step in (1, 2, 3):
+        x, y = _draw_patches(items, xf, 0, step, range(4), p)
+        parts = [_draw_patches(items, xf, 0, step, range(k, k + 2), p) for k in (0, 2)]
+        assert torch.equal(torch.cat([q[0] for q in parts]), x)
+        assert torch.equal(torch.cat([q[1] for q in parts]), y)
+    # with carvemix_p = 0 the patches are those of the v2 recipe
+    v2 = augmentations((16, 16, 16), 1, "v2")
+    a = _draw_patches(items, v2, 0, 5, range(2))
+    b = _draw_patches(items, xf, 0, 5, range(2), 0.0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # with p = 1 some patch differs from the unmixed draw (lesions of the other scan in it)
+    mixed = [_draw_patches(items, xf, 0, s, range(2), 1.0) for s in range(1, 5)]
+    plain = [_draw_patches(items, xf, 0, s, range(2), 0.0) for s in range(1, 5)]
+    assert any(not torch.equal(m[1], q[1]) for m, q in zip(mixed, plain))

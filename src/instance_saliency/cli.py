@@ -699,9 +699,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--val-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--recipe", default="v2", choices=["v1", "v2", "v3"],
-                   help="augmentation recipe (v2: spatial + intensity augmentation; see the "
-                   "model card)")
+    t.add_argument("--recipe", default="v2", choices=["v1", "v2", "v3", "v2-carvemix"],
+                   help="augmentation recipe (v2: spatial + intensity augmentation; "
+                   "v2-carvemix: v2 with lesions of other training scans pasted in, "
+                   "CarveMix-style; see the model card)")
     t.add_argument("--normalisation", default=None,
                    choices=["zscore_nonzero", "histogram"],
                    help="input normalisation: per-channel z-score over non-zero voxels, or that "

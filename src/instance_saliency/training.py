@@ -37,17 +37,94 @@ from .models import ModelConfig, build_model, save_checkpoint
 log = logging.getLogger("instance_saliency.training")
 
 STATE_NAME = "train_state.pt"
-RECIPES = ("v1", "v2", "v3")
+RECIPES = ("v1", "v2", "v3", "v2-carvemix")
+#: recipes that paste lesions between training scans (see :func:`carvemix`), and the
+#: probability that one patch of theirs is drawn from such a mixed scan
+CARVEMIX = {"v2-carvemix": 0.5}
 
 
 def _to_item(s: Subject, cfg: ModelConfig) -> dict:
     """Normalised image, label and the lesion / background voxel indices (computed once)."""
     if s.mask is None:
         raise ValueError(f"training subject {s.paths.get('flair')} has no lesion mask")
+    from .instances import connected_components
+
     flat = s.mask.reshape(-1) > 0
+    labels, n = connected_components(s.mask > 0, 26)
     return {"image": torch.from_numpy(normalise(s.image, cfg.normalisation, cfg.landmarks)),
             "label": torch.from_numpy(s.mask[None].astype(np.float32)),
-            "fg_idx": np.flatnonzero(flat), "bg_idx": np.flatnonzero(~flat)}
+            "fg_idx": np.flatnonzero(flat), "bg_idx": np.flatnonzero(~flat),
+            "lesions": labels, "n_lesions": int(n)}
+
+
+def carvemix(target: dict, donor: dict, rng: np.random.Generator, max_lesions: int = 3,
+             margin: tuple = (0.5, 4.0)) -> dict:
+    """``target`` with up to ``max_lesions`` lesions of ``donor`` pasted in, CarveMix-style.
+
+    Lesion copy-paste between co-registered scans (Zhang et al., "CarveMix: a simple data
+    augmentation method for brain lesion segmentation", MICCAI 2021): for each chosen lesion
+    (3D connected component, 26-connectivity) of ``donor``, the region within a random
+    distance ``r`` (uniform in ``margin``, voxels) of the lesion is carved out of the donor
+    (image channels and label together) and replaces the same voxels of ``target``. The scans
+    share one space (1 mm MNI), so a lesion keeps its anatomical position, and the rim carried
+    with it keeps the lesion's own contrast edge; the label inside the region is the donor's.
+    This parametrisation (a dilation of the lesion by ``r``) is ours, not the paper's
+    signed-distance interpolation.
+
+    Parameters
+    ----------
+    target, donor : dict
+        Training items of :func:`_to_item` (``image`` (C, X, Y, Z), ``label`` (1, X, Y, Z),
+        ``lesions`` int labels (X, Y, Z), ``n_lesions``, ``fg_idx``, ``bg_idx``), same shape.
+    rng : numpy.random.Generator
+        The only source of randomness (which lesions, how many, ``r``).
+    max_lesions : int
+        At most this many lesions are pasted (the number is uniform in 1..max_lesions).
+    margin : (float, float)
+        Range of the carve distance ``r`` in voxels (1 mm here).
+
+    Returns
+    -------
+    dict
+        A new item (``target`` untouched) whose ``fg_idx`` holds the pasted lesion voxels only,
+        so that a lesion-centred crop lands on a pasted lesion; ``target`` itself when the
+        donor has no lesion.
+
+    Raises
+    ------
+    ValueError
+        ``target`` and ``donor`` differ in shape.
+    """
+    from scipy import ndimage
+
+    if tuple(target["image"].shape) != tuple(donor["image"].shape):
+        raise ValueError(f"carvemix: scans of shape {tuple(target['image'].shape)} and "
+                         f"{tuple(donor['image'].shape)} do not share one grid")
+    n = donor["n_lesions"]
+    if n == 0:
+        return target
+    k = int(rng.integers(1, min(max_lesions, n) + 1))
+    chosen = rng.choice(n, size=k, replace=False) + 1
+    image, label = target["image"].clone(), target["label"].clone()
+    shape = donor["lesions"].shape
+    boxes = ndimage.find_objects(donor["lesions"])
+    pasted = []
+    for c in chosen:
+        r = float(rng.uniform(*margin))
+        pad = int(math.ceil(r)) + 1
+        box = tuple(slice(max(sl.start - pad, 0), min(sl.stop + pad, dim))
+                    for sl, dim in zip(boxes[c - 1], shape))
+        lesion = donor["lesions"][box] == c
+        region = torch.from_numpy(ndimage.distance_transform_edt(~lesion) <= r)
+        window = (slice(None),) + box
+        image[window] = torch.where(region, donor["image"][window], image[window])
+        label[window] = torch.where(region, donor["label"][window], label[window])
+        inner = np.nonzero(lesion)
+        pasted.append(np.ravel_multi_index(
+            tuple(i + sl.start for i, sl in zip(inner, box)), shape))
+    return {"image": image, "label": label, "fg_idx": np.concatenate(pasted),
+            "bg_idx": target["bg_idx"], "lesions": target["lesions"],
+            "n_lesions": target["n_lesions"]}
 
 
 def augmentations(roi_size: Sequence[int], batch_size: int, recipe: str = "v2"):
@@ -59,14 +136,17 @@ def augmentations(roi_size: Sequence[int], batch_size: int, recipe: str = "v2"):
         Patch size in voxels.
     batch_size : int
         Patches drawn per step (half centred on lesion voxels, half on background).
-    recipe : {"v1", "v2", "v3"}
+    recipe : {"v1", "v2", "v3", "v2-carvemix"}
         ``v1``: flips + intensity scale/shift ±10 % (first release). ``v2``: adds per-channel
         scale/shift ±15 %, rotation ±15° and scaling ±10 % (p = 0.25), gamma 0.7–1.5 (p = 0.2),
         a smooth bias field (p = 0.15), Gaussian noise σ = 0.1 (p = 0.15) and Gaussian blur
         σ 0.5–1 voxel (p = 0.15). ``v3``: v2 with a wider per-channel contrast range, for the
         two sites' different lesion contrast after z-scoring (median lesion FLAIR z 1.3–1.45
         on open_ms_data, 2.0–2.4 on MSLesSeg): scale ±35 % (p = 0.8), shift ±0.3 (p = 0.5),
-        gamma 0.6–1.7 (p = 0.3).
+        gamma 0.6–1.7 (p = 0.3). ``v2-carvemix``: the v2 chain; the patches are drawn half
+        the time from a scan with lesions of another training scan pasted in (lesion
+        copy-paste between scans and sites, see :func:`carvemix`; applied in
+        :func:`train`, not in this chain).
 
     Returns
     -------
@@ -82,7 +162,7 @@ def augmentations(roi_size: Sequence[int], batch_size: int, recipe: str = "v2"):
                                  pos=1, neg=1, num_samples=batch_size, allow_smaller=False,
                                  fg_indices_key="fg_idx", bg_indices_key="bg_idx"),
     ]
-    if recipe in ("v2", "v3"):
+    if recipe != "v1":
         chain.append(T.RandAffined(keys=keys, prob=0.25, rotate_range=(0.26, 0.26, 0.26),
                                    scale_range=(0.1, 0.1, 0.1), mode=("bilinear", "nearest"),
                                    padding_mode="zeros"))
@@ -150,12 +230,19 @@ def _ema(model: torch.nn.Module, decay: float):
 SAMPLING = "per-patch seeds (seed, step, k)"
 
 
-def _draw_patches(items: list, xform, seed: int, step: int, patches: range):
+_CROP_KEYS = ("image", "label", "fg_idx", "bg_idx")
+
+
+def _draw_patches(items: list, xform, seed: int, step: int, patches: range,
+                  carvemix_p: float = 0.0):
     """Patches ``patches`` (indices into the step's global batch) of step ``step``.
 
     The step's subject is drawn from ``(seed, step)`` and patch ``k``'s crop and augmentation
     from ``(seed, step, k)`` alone, so that any split of the global batch over ranks draws the
     patches one process draws. ``xform`` draws one patch (``augmentations(roi, 1, recipe)``).
+    With probability ``carvemix_p`` a patch is drawn from the step's subject with lesions of
+    another training scan pasted in (:func:`carvemix`; its draws seeded from
+    ``(seed, step, k, 1)``).
 
     Returns
     -------
@@ -167,7 +254,14 @@ def _draw_patches(items: list, xform, seed: int, step: int, patches: range):
     xs, ys = [], []
     for k in patches:
         xform.set_random_state(seed=int(np.random.default_rng([seed, step, k]).integers(2**31)))
-        (sample,) = xform(item)
+        source = item
+        if carvemix_p > 0 and len(items) > 1:
+            rm = np.random.default_rng([seed, step, k, 1])
+            if rm.random() < carvemix_p:
+                donors = [d for d in items if d is not item]
+                source = carvemix(item, donors[int(rm.integers(len(donors)))], rm)
+        # the crop deep-copies every key it does not crop: pass only what it needs
+        (sample,) = xform({key: source[key] for key in _CROP_KEYS})
         xs.append(torch.as_tensor(np.asarray(sample["image"])))
         ys.append(torch.as_tensor(np.asarray(sample["label"])))
     return torch.stack(xs).float(), torch.stack(ys).float()
@@ -360,7 +454,7 @@ def train(train_subjects: Sequence[Subject], val_subjects: Sequence[Subject], ou
         Patches per step over all ranks (the global batch); a multiple of ``WORLD_SIZE``.
     lr : float
         Peak learning rate of AdamW for the global batch (see :func:`lr_at`).
-    recipe : {"v1", "v2", "v3"}
+    recipe : {"v1", "v2", "v3", "v2-carvemix"}
         Augmentation recipe, see :func:`augmentations`.
     ema_decay : float
         Decay of the exponential moving average of the weights (0 = none).
@@ -556,7 +650,7 @@ def _train(group, train_subjects, val_subjects, out_dir: Path, architecture, arg
     for step in it:
         # every random draw of this step depends on (seed, step[, patch]) alone: exact resume,
         # and the ranks' shares of the global batch are the patches one process would draw
-        x, y = _draw_patches(items, xform, seed, step, mine)
+        x, y = _draw_patches(items, xform, seed, step, mine, CARVEMIX.get(recipe, 0.0))
         x, y = x.to(device), y.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
