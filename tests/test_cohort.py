@@ -238,11 +238,16 @@ def test_resume_after_interruption(dataset, model_dir, tmp_path, monkeypatch):
     assert js["n_subjects"] == 4 and js["counts"] == {"TP": 4, "FP": 4, "FN": 4, "unknown": 0}
     assert js["flag_errors"]["cv"] == "LeaveOneGroupOut"
     assert not (out / "cohort_report.html").exists()  # --no-figures
-    # a third run does nothing but the analysis
+    # a third run, now with figures, does nothing but the analysis, and says that the
+    # subjects explained with --no-figures keep no page
     calls.clear()
-    res = cohort.run_cohort(dataset, out, cfg, model_dir=model_dir, progress=False, n_boot=20,
-                            log=lambda m: None)
+    logs.clear()
+    res = cohort.run_cohort(dataset, out, ExplainConfig(**{**CFG, "figures": True}),
+                            model_dir=model_dir, progress=False, n_boot=20, log=logs.append)
     assert calls == [] and len(res["skipped"]) == 4
+    assert any("4 complete subject(s) explained earlier with --no-figures have no report.html"
+               " and are kept as they are: sub-01, sub-02, sub-03, sub-04 (--overwrite" in m
+               for m in logs)
     # other explain parameters are refused instead of mixing them into one cohort
     with pytest.raises(InputError, match="n_samples = 1 there, 2 now"):
         cohort.run_cohort(dataset, out, ExplainConfig(**{**CFG, "n_samples": 2}),

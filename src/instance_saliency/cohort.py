@@ -704,7 +704,7 @@ def _explain_share(data, out, config: ExplainConfig, model_dir, shard, overwrite
                     raise InputError(f"subject {c.subject} in {sub} was explained with other "
                                      f"parameters ({why}); use the same options or --overwrite")
     model_for = _held_out_models(model, model_dir, config, include_training_scans, log)
-    done, skipped, failed, leftovers = [], [], {}, []
+    done, skipped, failed, leftovers, no_page = [], [], {}, [], []
     t0 = time.time()
     bar = tqdm(mine, desc="subjects", unit="subject", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
@@ -716,6 +716,8 @@ def _explain_share(data, out, config: ExplainConfig, model_dir, shard, overwrite
             leftovers += _remove_leftovers(sub, c.subject)
             if (target / RUN_FILE).is_file() and not overwrite:
                 skipped.append(c.subject)
+                if config.figures and not (target / "report.html").is_file():
+                    no_page.append(c.subject)  # explained with --no-figures earlier
                 continue
             try:
                 explain(None, None, target, mask=c.mask, model_dir=model_folder,
@@ -738,5 +740,9 @@ def _explain_share(data, out, config: ExplainConfig, model_dir, shard, overwrite
     log(f"cohort{where}: {len(done)} done, {len(skipped)} skipped (already complete), "
         f"{len(failed)} failed of {len(mine)} subject(s) in {time.time() - t0:.0f} s; "
         f"outputs in {sub}" + (f"; failures in {out / FAILURES_FILE}" if failed else ""))
+    if no_page:
+        log(f"cohort{where}: {len(no_page)} complete subject(s) explained earlier with "
+            f"--no-figures have no report.html and are kept as they are: "
+            f"{', '.join(no_page)} (--overwrite explains them again, with figures)")
     return {"subjects": [c.subject for c in mine], "done": done, "skipped": skipped,
             "failed": failed, "removed_leftovers": leftovers}
