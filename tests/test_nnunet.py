@@ -218,8 +218,12 @@ def _agree(model_dir, folds, mirroring, image, spacing):
 
 
 @needs_data
-@pytest.mark.parametrize("folds,mirroring", [((0,), False), ((0, 1), True), ((0, 1), False)])
+@pytest.mark.parametrize("folds,mirroring", [((0,), False), ((0, 1), False)])
 def test_prediction_equals_nnunet_predictor_1mm(scan, folds, mirroring):
+    """Fold averaging here; mirroring against the predictor in the resampled test below; both
+    together (2 folds x 8 mirrorings, the suite's slowest case, dropped for CI time) through
+    the exact-gradient test, whose reference is nnU-Net's own windows, Gaussian, mirroring and
+    fold averaging."""
     image, _ = scan
     prep, probs, diff, n = _agree(FT1, folds, mirroring, image, (1.0, 1.0, 1.0))
     assert prep.exact and not prep.mapping["resampled"]
