@@ -469,6 +469,9 @@ def test_train_cli_resumes_under_torchrun(train_data, ddp_runs, tmp_path):
         assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
     cfg = json.loads((out / "config.json").read_text())["training"]
     assert cfg["processes"] == 2 and cfg["batch_norm"].startswith("per process")
+    # each sitting is recorded, not only the last one
+    assert [(t["from_step"], t["processes"], t["batch_per_process"], t["device"])
+            for t in cfg["sittings"]] == [(1, 2, 1, "cpu"), (3, 2, 1, "cpu")]
     assert cfg["command"].startswith("instance-saliency train --manifest")
     lines = (out / "train.log").read_text().splitlines()
     assert sum('"resumed_at_step": 2' in ln for ln in lines) == 1

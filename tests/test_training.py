@@ -52,6 +52,9 @@ def test_resume_equals_uninterrupted_run(tmp_path, recipe):
     assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
     assert [h["val_ndsc"] for h in ha] == [h["val_ndsc"] for h in hb]
     assert a["weights"] == b["weights"] == "EMA"
+    assert [t["from_step"] for t in a["sittings"]] == [1]
+    assert [t["from_step"] for t in b["sittings"]] == [1, 5]  # stopped after step 4
+    assert b["sittings"][1]["processes"] == 1
     assert not (tmp_path / "b" / "train_state.pt").exists()  # removed when finished
     assert (tmp_path / "b" / "history.png").stat().st_size > 0
     # EMA weights differ from the raw last-step weights

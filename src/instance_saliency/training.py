@@ -272,10 +272,10 @@ def _has_batch_norm(model: torch.nn.Module) -> bool:
 
 
 def _save_state(path: Path, step: int, model, ema, opt, running: list, history: list,
-                settings: dict) -> None:
+                settings: dict, sittings: list) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"step": step, "sampling": SAMPLING, "settings": json.dumps(settings),
-                "model": model.state_dict(),
+                "sittings": json.dumps(sittings), "model": model.state_dict(),
                 "ema": ema.state_dict() if ema is not None else {},
                 "optimizer": opt.state_dict(), "running": torch.tensor(running, dtype=torch.float64),
                 "history": json.dumps(history)}, tmp)
@@ -595,6 +595,7 @@ def _train(group, train_subjects, val_subjects, out_dir: Path, architecture, arg
     ema = _ema(model, ema_decay) if ema_decay > 0 else None
     history: list = []
     running: list = []
+    sittings: list = []
     start = 1
     # what a resumed run must share with the interrupted one to continue it exactly
     settings = {"architecture": architecture, "arguments": arguments,
@@ -617,6 +618,7 @@ def _train(group, train_subjects, val_subjects, out_dir: Path, architecture, arg
             ema.load_state_dict(st["ema"])
         running = [float(v) for v in st["running"]]
         history = json.loads(st["history"])
+        sittings = json.loads(st.get("sittings", "[]"))  # states before session 9: none
         start = int(st["step"]) + 1
         log.info(json.dumps({"resumed_at_step": start - 1}))
         if st.get("sampling") != SAMPLING:
@@ -634,6 +636,9 @@ def _train(group, train_subjects, val_subjects, out_dir: Path, architecture, arg
              "lr": lr, "lr_rule": "the learning rate of the global batch, not scaled with the "
              "number of processes", "batch_norm": batch_norm, "device": device}
     log.info(json.dumps(setup))
+    # one entry per sitting: a run resumed on another number of processes or another device
+    # says so in its config.json (the top-level fields are the last sitting's)
+    sittings.append({"from_step": start, **setup})
     if world.distributed:
         echo(f"training on {world.size} processes ({device}): global batch {batch_size} = "
              f"{per_rank} patch(es) per process x {world.size}; learning rate {lr:g} for the "
@@ -684,7 +689,8 @@ def _train(group, train_subjects, val_subjects, out_dir: Path, architecture, arg
                 _plot_history(history, out_dir / "history.png")
         if main and ((checkpoint_every and step % checkpoint_every == 0) or is_val
                      or step == last):
-            _save_state(state_path, step, model, ema, opt, running, history, settings)
+            _save_state(state_path, step, model, ema, opt, running, history, settings,
+                        sittings)
     if last < steps:  # stopped early on purpose: the state file continues the run
         group.barrier()  # the state is written when any rank returns
         return {"stopped_at": last}
@@ -695,7 +701,7 @@ def _train(group, train_subjects, val_subjects, out_dir: Path, architecture, arg
         "roi_size": list(roi_size), "lr": lr, "seed": seed, "recipe": recipe,
         "ema_decay": ema_decay, "normalisation": normalisation, "warmup": warmup, "schedule": "linear warm-up + cosine to 2 %",
         "sampling": SAMPLING, "weights": "EMA" if ema is not None else "last step",
-        "init_from": init,
+        "init_from": init, "sittings": sittings,
         "val_at_last": history[-1].get("val") if history else None,
         "train_time_s": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads(),
     }
