@@ -246,7 +246,8 @@ def test_resume_after_interruption(dataset, model_dir, tmp_path, monkeypatch):
                             model_dir=model_dir, progress=False, n_boot=20, log=logs.append)
     assert calls == [] and len(res["skipped"]) == 4
     assert any("4 complete subject(s) explained earlier with --no-figures have no report.html"
-               " and are kept as they are: sub-01, sub-02, sub-03, sub-04 (--overwrite" in m
+               " and are kept as they are: sub-01, sub-02, sub-03, sub-04 (remove their folders"
+               " and run again to draw them; --overwrite redoes the whole cohort)" in m
                for m in logs)
     # other explain parameters are refused instead of mixing them into one cohort
     with pytest.raises(InputError, match="n_samples = 1 there, 2 now"):

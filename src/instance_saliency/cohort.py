@@ -743,6 +743,7 @@ def _explain_share(data, out, config: ExplainConfig, model_dir, shard, overwrite
     if no_page:
         log(f"cohort{where}: {len(no_page)} complete subject(s) explained earlier with "
             f"--no-figures have no report.html and are kept as they are: "
-            f"{', '.join(no_page)} (--overwrite explains them again, with figures)")
+            f"{', '.join(no_page)} (remove their folders and run again to draw them; "
+            f"--overwrite redoes the whole cohort)")
     return {"subjects": [c.subject for c in mine], "done": done, "skipped": skipped,
             "failed": failed, "removed_leftovers": leftovers}
