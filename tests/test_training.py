@@ -273,7 +273,7 @@ def _item(seed: int, boxes):
     s.mask[:] = 0
     for b in boxes:
         s.mask[b] = 1
-    return _to_item(s, ModelConfig("unet3d"))
+    return _to_item(s, ModelConfig("unet3d"), lesions=True)
 
 
 def test_carvemix_pastes_donor_lesions_with_their_rim_and_nothing_else():
@@ -281,7 +281,7 @@ def test_carvemix_pastes_donor_lesions_with_their_rim_and_nothing_else():
 
     target = _item(0, [np.s_[2:5, 2:5, 2:5]])
     donor = _item(1, [np.s_[8:11, 6:9, 9:12], np.s_[16:18, 12:15, 4:6]])
-    assert donor["n_lesions"] == 2
+    assert len(donor["lesion_boxes"]) == 2
     before = target["image"].clone(), target["label"].clone()
     mixed = carvemix(target, donor, np.random.default_rng(3), max_lesions=2, margin=(2.0, 2.0))
     # the target item is untouched; the mix is a new item

@@ -43,18 +43,24 @@ RECIPES = ("v1", "v2", "v3", "v2-carvemix")
 CARVEMIX = {"v2-carvemix": 0.5}
 
 
-def _to_item(s: Subject, cfg: ModelConfig) -> dict:
-    """Normalised image, label and the lesion / background voxel indices (computed once)."""
+def _to_item(s: Subject, cfg: ModelConfig, lesions: bool = False) -> dict:
+    """Normalised image, label and the lesion / background voxel indices (computed once);
+    with ``lesions``, also the lesion labels (26-connected components) and their bounding
+    boxes that :func:`carvemix` pastes from."""
     if s.mask is None:
         raise ValueError(f"training subject {s.paths.get('flair')} has no lesion mask")
-    from .instances import connected_components
-
     flat = s.mask.reshape(-1) > 0
-    labels, n = connected_components(s.mask > 0, 26)
-    return {"image": torch.from_numpy(normalise(s.image, cfg.normalisation, cfg.landmarks)),
+    item = {"image": torch.from_numpy(normalise(s.image, cfg.normalisation, cfg.landmarks)),
             "label": torch.from_numpy(s.mask[None].astype(np.float32)),
-            "fg_idx": np.flatnonzero(flat), "bg_idx": np.flatnonzero(~flat),
-            "lesions": labels, "n_lesions": int(n)}
+            "fg_idx": np.flatnonzero(flat), "bg_idx": np.flatnonzero(~flat)}
+    if lesions:
+        from scipy import ndimage
+
+        from .instances import connected_components
+
+        labels, _ = connected_components(s.mask > 0, 26)
+        item.update(lesions=labels, lesion_boxes=ndimage.find_objects(labels))
+    return item
 
 
 def carvemix(target: dict, donor: dict, rng: np.random.Generator, max_lesions: int = 3,
@@ -75,7 +81,8 @@ def carvemix(target: dict, donor: dict, rng: np.random.Generator, max_lesions: i
     ----------
     target, donor : dict
         Training items of :func:`_to_item` (``image`` (C, X, Y, Z), ``label`` (1, X, Y, Z),
-        ``lesions`` int labels (X, Y, Z), ``n_lesions``, ``fg_idx``, ``bg_idx``), same shape.
+        ``fg_idx``, ``bg_idx``), same shape; the donor's made with ``lesions=True``
+        (``lesions`` int labels (X, Y, Z), ``lesion_boxes``).
     rng : numpy.random.Generator
         The only source of randomness (which lesions, how many, ``r``).
     max_lesions : int
@@ -86,9 +93,10 @@ def carvemix(target: dict, donor: dict, rng: np.random.Generator, max_lesions: i
     Returns
     -------
     dict
-        A new item (``target`` untouched) whose ``fg_idx`` holds the pasted lesion voxels only,
-        so that a lesion-centred crop lands on a pasted lesion; ``target`` itself when the
-        donor has no lesion.
+        A new item of the crop's keys (``image``, ``label``, ``fg_idx``, ``bg_idx``;
+        ``target`` untouched) whose ``fg_idx`` holds the pasted lesion voxels only, so that
+        a lesion-centred crop lands on a pasted lesion; ``target`` itself when the donor has
+        no lesion.
 
     Raises
     ------
@@ -100,14 +108,14 @@ def carvemix(target: dict, donor: dict, rng: np.random.Generator, max_lesions: i
     if tuple(target["image"].shape) != tuple(donor["image"].shape):
         raise ValueError(f"carvemix: scans of shape {tuple(target['image'].shape)} and "
                          f"{tuple(donor['image'].shape)} do not share one grid")
-    n = donor["n_lesions"]
+    boxes = donor["lesion_boxes"]
+    n = len(boxes)
     if n == 0:
         return target
     k = int(rng.integers(1, min(max_lesions, n) + 1))
     chosen = rng.choice(n, size=k, replace=False) + 1
     image, label = target["image"].clone(), target["label"].clone()
     shape = donor["lesions"].shape
-    boxes = ndimage.find_objects(donor["lesions"])
     pasted = []
     for c in chosen:
         r = float(rng.uniform(*margin))
@@ -123,8 +131,7 @@ def carvemix(target: dict, donor: dict, rng: np.random.Generator, max_lesions: i
         pasted.append(np.ravel_multi_index(
             tuple(i + sl.start for i, sl in zip(inner, box)), shape))
     return {"image": image, "label": label, "fg_idx": np.concatenate(pasted),
-            "bg_idx": target["bg_idx"], "lesions": target["lesions"],
-            "n_lesions": target["n_lesions"]}
+            "bg_idx": target["bg_idx"]}
 
 
 def augmentations(roi_size: Sequence[int], batch_size: int, recipe: str = "v2"):
@@ -574,7 +581,7 @@ def _train(group, train_subjects, val_subjects, out_dir: Path, architecture, arg
     elif normalisation == "histogram":
         cfg.landmarks = np.mean([histogram_landmarks(s.image) for s in train_subjects],
                                 axis=0).round(6).tolist()
-    items = [_to_item(s, cfg) for s in train_subjects]
+    items = [_to_item(s, cfg, lesions=recipe in CARVEMIX) for s in train_subjects]
     val_images = [normalise(s.image, cfg.normalisation, cfg.landmarks) for s in val_subjects
                   ] if main else []
     xform = augmentations(roi_size, 1, recipe)  # one patch per draw, see _draw_patches
