@@ -8,9 +8,14 @@ no checkpoint selection). For every fold the post-processing (lesion probability
 minimum lesion size in mm³, 26-connected components) is chosen by the mean nDSC over the
 *other* folds' held-out maps (nested leave-one-out), then applied to this fold's map: no
 reported figure comes from a scan used to pick a setting. Also printed: the plain setting
-(threshold 0.5, no size filter).
+(threshold 0.5, no size filter), and with ``--at T`` every fold at threshold T, no size filter.
 
-    python tools/cv_report.py ../runs/cv_v2_* [--markdown]
+``--save-grid DIR`` writes each fold's scores over every setting to ``DIR/<run>.json`` (a few
+kB); such a file can be given in place of a run folder, so that folds trained in different
+sittings (whose run folders are not kept) are reported together.
+
+    python tools/cv_report.py ../runs/cv_v2_* [--markdown] [--at 0.3 --at 0.5]
+    python tools/cv_report.py ../runs/dyn_P18 grids/dyn_P39.json ... --save-grid grids
 """
 
 from __future__ import annotations
@@ -47,6 +52,12 @@ def main(argv=None) -> int:
     p.add_argument("--criterion", choices=("ndsc", "ndsc+f1"), default="ndsc",
                    help="what the post-processing maximises on the other folds: mean nDSC, or "
                    "the mean of nDSC and lesion F1")
+    p.add_argument("--at", type=float, action="append", default=[], metavar="THRESHOLD",
+                   choices=THRESHOLDS, help="also print every fold at this fixed threshold, no "
+                   "size filter (a setting chosen on no scan, e.g. the shipped model's 0.3); "
+                   "repeatable")
+    p.add_argument("--save-grid", type=Path, default=None, metavar="DIR",
+                   help="write each fold's scores over every setting to DIR/<run>.json")
     a = p.parse_args(argv)
     import nibabel as nib
 
@@ -57,6 +68,12 @@ def main(argv=None) -> int:
     folds = []
     for r in sorted(a.runs):
         r = Path(r)
+        if r.suffix == ".json":
+            saved = json.loads(r.read_text())
+            saved["grid"] = {(g["threshold"], g["min_size_mm3"]): g["scores"]
+                             for g in saved["grid"]}
+            folds.append(saved)
+            continue
         cfg = json.loads((r / "config.json").read_text())
         data = cfg["training"]["data"]
         held = re.search(r"val=\['([^']+)'\]", data).group(1)
@@ -70,6 +87,14 @@ def main(argv=None) -> int:
                 for t in THRESHOLDS for s in MIN_SIZES_MM3}
         folds.append({"run": r.name, "held_out": held, "train": train, "grid": grid,
                       "steps": cfg["training"]["steps"], "recipe": cfg["training"].get("recipe")})
+        if a.save_grid is not None:
+            a.save_grid.mkdir(parents=True, exist_ok=True)
+            record = dict(folds[-1], grid=[
+                {"threshold": t, "min_size_mm3": s, "scores": {
+                    k: (v.item() if isinstance(v, np.generic) else v) for k, v in sc.items()}} for (t, s), sc in grid.items()])
+            tmp = a.save_grid / f".{r.name}.json.tmp"
+            tmp.write_text(json.dumps(record, indent=1))
+            tmp.replace(a.save_grid / f"{r.name}.json")
     def score(r):
         return r["ndsc"] if a.criterion == "ndsc" else (r["ndsc"] + r["lesion_f1"]) / 2
 
@@ -98,6 +123,14 @@ def main(argv=None) -> int:
     plain_mean = float(np.mean([p_["ndsc"] for _, _, p_, _ in rows]))
     print(f"| **mean** | | {plain_mean:.3f} | {mean['ndsc']:.3f} | {mean['dice']:.3f} | "
           f"{mean['lesion_f1']:.3f} | {mean['lesion_tpr']:.2f} | {mean['lesion_fdr']:.2f} | | |")
+    for t in a.at:
+        fixed = [f["grid"][(t, 0)] for f in folds]
+        print(f"\nfixed setting: threshold {t}, no size filter")
+        for f, c in zip(folds, fixed):
+            print(f"  {f['held_out']}: nDSC {c['ndsc']:.3f}, lesion F1 {c['lesion_f1']:.3f}, "
+                  f"predicted / true lesions {c['n_pred_lesions']} / {c['n_gt_lesions']}")
+        print(f"  mean: nDSC {np.mean([c['ndsc'] for c in fixed]):.3f}, lesion F1 "
+              f"{np.mean([c['lesion_f1'] for c in fixed]):.3f}")
     allbest = max(folds[0]["grid"], key=lambda k: (np.mean([score(f["grid"][k]) for f in folds]),
                                                    -abs(k[0] - 0.5), -k[1]))
     print(f"\nsetting chosen on all {len(folds)} held-out maps (for a model trained on all "
