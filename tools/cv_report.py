@@ -10,8 +10,8 @@ minimum lesion size in mm³, 26-connected components) is chosen by the mean nDSC
 reported figure comes from a scan used to pick a setting. Also printed: the plain setting
 (threshold 0.5, no size filter), and with ``--at T`` every fold at threshold T, no size filter.
 
-``--save-grid DIR`` writes each fold's scores over every setting to ``DIR/<run>.json`` (a few
-kB); such a file can be given in place of a run folder, so that folds trained in different
+``--save-grid DIR`` writes each fold's scores over every setting to ``DIR/<run>.json`` (about
+20 kB); such a file can be given in place of a run folder, so that folds trained in different
 sittings (whose run folders are not kept) are reported together.
 
     python tools/cv_report.py ../runs/cv_v2_* [--markdown] [--at 0.3 --at 0.5]
@@ -44,6 +44,25 @@ def postprocess(prob: np.ndarray, thr: float, min_mm3: float, voxel_mm3: float) 
     return keep[lab]
 
 
+def save_grid(fold: dict, out_dir: Path) -> None:
+    """Write one fold's scores over every setting to ``out_dir/<run>.json`` (temporary name,
+    then rename); ``load_grid`` reads it back."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = [{"threshold": t, "min_size_mm3": s,
+             "scores": {k: v.item() if isinstance(v, np.generic) else v for k, v in sc.items()}}
+            for (t, s), sc in fold["grid"].items()]
+    tmp = out_dir / f".{fold['run']}.json.tmp"
+    tmp.write_text(json.dumps(dict(fold, grid=grid), indent=1))
+    tmp.replace(out_dir / f"{fold['run']}.json")
+
+
+def load_grid(path: Path) -> dict:
+    """One fold as written by ``save_grid``, its grid keyed by (threshold, min size)."""
+    fold = json.loads(path.read_text())
+    fold["grid"] = {(g["threshold"], g["min_size_mm3"]): g["scores"] for g in fold["grid"]}
+    return fold
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+")
@@ -69,10 +88,7 @@ def main(argv=None) -> int:
     for r in sorted(a.runs):
         r = Path(r)
         if r.suffix == ".json":
-            saved = json.loads(r.read_text())
-            saved["grid"] = {(g["threshold"], g["min_size_mm3"]): g["scores"]
-                             for g in saved["grid"]}
-            folds.append(saved)
+            folds.append(load_grid(r))
             continue
         cfg = json.loads((r / "config.json").read_text())
         data = cfg["training"]["data"]
@@ -88,13 +104,7 @@ def main(argv=None) -> int:
         folds.append({"run": r.name, "held_out": held, "train": train, "grid": grid,
                       "steps": cfg["training"]["steps"], "recipe": cfg["training"].get("recipe")})
         if a.save_grid is not None:
-            a.save_grid.mkdir(parents=True, exist_ok=True)
-            record = dict(folds[-1], grid=[
-                {"threshold": t, "min_size_mm3": s, "scores": {
-                    k: (v.item() if isinstance(v, np.generic) else v) for k, v in sc.items()}} for (t, s), sc in grid.items()])
-            tmp = a.save_grid / f".{r.name}.json.tmp"
-            tmp.write_text(json.dumps(record, indent=1))
-            tmp.replace(a.save_grid / f"{r.name}.json")
+            save_grid(folds[-1], a.save_grid)
     def score(r):
         return r["ndsc"] if a.criterion == "ndsc" else (r["ndsc"] + r["lesion_f1"]) / 2
 
